@@ -1,0 +1,44 @@
+"""A DetectionCheckpointer that never leaves a half-written file behind."""
+import os
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+
+def _atomic_write(path: str, write, mode: str):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AtomicCheckpointer(DetectionCheckpointer):
+    """Writes checkpoints and ``last_checkpoint`` to a temporary file, then renames it.
+
+    A crash while saving leaves the previous checkpoint and tag intact, so ``--resume``
+    always finds a complete file.
+    """
+
+    def save(self, name: str, **kwargs) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {path}")
+        _atomic_write(path, lambda f: torch.save(data, f), "wb")
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        _atomic_write(path, lambda f: f.write(last_filename_basename), "w")
+
+    def load(self, path: str, *args, **kwargs):
+        # A missing local file would otherwise be skipped with only a log line.
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint file not found: {path}")
+        return super().load(path, *args, **kwargs)

@@ -1,0 +1,55 @@
+"""The paired-view mapper of InstUnique: view x and view x' = T(x) with its transform."""
+import copy
+from typing import Dict
+
+import numpy as np
+from detectron2.config import configurable
+
+from ..transforms import TransformFamily
+from ..transforms.build import build_transform_family
+from .instance_mapper import InstanceViewMapper
+
+__all__ = ["PairedViewMapper"]
+
+
+class PairedViewMapper:
+    """Dataset dict -> view x with ``paired_view`` (view x') and ``warp`` (T: x -> x').
+
+    x is the base training view (resize or large-scale jitter, flip). T is drawn from the
+    transform family; x' is x warped by T (bilinear image, nearest masks), its ground truth
+    Y' = T(Y); instances that leave the frame are dropped (an empty x' is legal). The
+    region of x' that T maps from outside x is filled with the pixel mean. The draws
+    come from numpy's global generator, which detectron2 seeds per worker from cfg.SEED.
+    """
+
+    @configurable
+    def __init__(self, *, base: InstanceViewMapper, family: TransformFamily, fill):
+        self.base = base
+        self.family = family
+        self.fill = fill
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "base": InstanceViewMapper(cfg, is_train),
+            "family": build_transform_family(cfg),
+            "fill": tuple(float(v) for v in cfg.MODEL.PIXEL_MEAN),
+        }
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        image, masks, classes = self.base.read(dataset_dict)
+        rng = np.random.default_rng(np.random.randint(2**31))
+        warp = self.family.sample(*image.shape[:2], rng)
+
+        warped_image = np.stack(
+            [warp.apply_image(image[..., c], fill=v) for c, v in enumerate(self.fill)], -1
+        )
+        warped_masks = np.stack([warp.apply_segmentation(m) for m in masks.astype(np.uint8)])\
+            if len(masks) else np.zeros((0, *warp.dst_size), dtype=bool)
+        view = self.base.to_view(dataset_dict, image, masks, classes)
+        view["paired_view"] = self.base.to_view(
+            dataset_dict, warped_image, warped_masks.astype(bool), classes
+        )
+        view["warp"] = warp
+        return view

@@ -1,0 +1,160 @@
+"""The InstUnique meta-architecture: a base segmenter trained with Eq. 5 and Eq. 8."""
+import zlib
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+from torch import nn
+
+from .adapter import build_adapter
+from .objectives import CrossImageLoss, EquivarianceLoss, PixelMemory
+from .transforms.build import build_transform_family
+
+_SEGMENTER = "segmenter."
+
+
+@META_ARCH_REGISTRY.register()
+class InstUnique(nn.Module):
+    """Training: L_base(x) + L_base(x') + w_cross L_cross + lambda L_equi, then enqueue.
+    Inference: the base segmenter's own forward, untouched.
+
+    The state_dict hides the ``segmenter.`` prefix, so its keys are the base model's
+    (official names) plus ``memory.*``: checkpoints move freely between InstUnique and the
+    plain base model.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        segmenter: nn.Module,
+        cross_image: Optional[CrossImageLoss],
+        equivariance: Optional[EquivarianceLoss],
+        memory: Optional[PixelMemory],
+    ):
+        super().__init__()
+        self.segmenter = segmenter
+        self.adapter = build_adapter(segmenter)
+        self.cross_image = cross_image
+        self.equivariance = equivariance
+        self.memory = memory
+        self._register_state_dict_hook(_strip_segmenter_prefix)
+        self._register_load_state_dict_pre_hook(_add_segmenter_prefix)
+
+    @classmethod
+    def from_config(cls, cfg):
+        iu = cfg.MODEL.INST_UNIQUE
+        base_cfg = cfg.clone()
+        base_cfg.defrost()
+        base_cfg.MODEL.META_ARCHITECTURE = iu.BASE_META_ARCHITECTURE
+        if iu.BASE_META_ARCHITECTURE not in META_ARCH_REGISTRY:
+            raise KeyError(
+                f"MODEL.INST_UNIQUE.BASE_META_ARCHITECTURE={iu.BASE_META_ARCHITECTURE!r} is not "
+                f"a registered meta-architecture"
+            )
+        segmenter = META_ARCH_REGISTRY.get(iu.BASE_META_ARCHITECTURE)(base_cfg)
+        stride = build_adapter(segmenter).pixel_stride
+        cross = eq = memory = None
+        _check_nonnegative(cfg)
+        if iu.CROSS_IMAGE.ENABLED:
+            if iu.CROSS_IMAGE.PIXELS_PER_IMAGE < 1:
+                raise ValueError(
+                    "MODEL.INST_UNIQUE.CROSS_IMAGE.PIXELS_PER_IMAGE must be >= 1, got "
+                    f"{iu.CROSS_IMAGE.PIXELS_PER_IMAGE}"
+                )
+            cross = CrossImageLoss(
+                weight=iu.CROSS_IMAGE.WEIGHT,
+                pixels_per_image=iu.CROSS_IMAGE.PIXELS_PER_IMAGE,
+                alpha=iu.CROSS_IMAGE.FOCAL_ALPHA,
+                gamma=iu.CROSS_IMAGE.FOCAL_GAMMA,
+                chunk_pixels=iu.CROSS_IMAGE.CHUNK_PIXELS,
+                stride=stride,
+            )
+            if iu.CROSS_IMAGE.MEMORY_PIXELS > 0:
+                memory = PixelMemory(iu.CROSS_IMAGE.MEMORY_PIXELS, cfg.MODEL.SEM_SEG_HEAD.MASK_DIM)
+        # Built even when the term is off: the paired-view mapper reads the same keys.
+        build_transform_family(cfg)
+        if iu.EQUIVARIANCE.ENABLED:
+            eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=stride)
+        return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory}
+
+    @property
+    def device(self):
+        return self.segmenter.device
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: in training, dicts of the paired-view mapper: view x ("image",
+                "instances", "image_id") with "paired_view" (view x' as a dict of its own)
+                and "warp" (the AffineWarp from x to x'). At inference, plain dicts.
+        Returns:
+            training: a dict of losses; inference: the base segmenter's outputs.
+        """
+        if not self.training:
+            return self.segmenter(batched_inputs)
+        if any("paired_view" not in x for x in batched_inputs):
+            raise ValueError(
+                "InstUnique training needs paired views: build the train loader with "
+                "instunique.data.PairedViewMapper (train_net.py does this)"
+            )
+        views = list(batched_inputs) + [x["paired_view"] for x in batched_inputs]
+        images = self.adapter.preprocess(views)
+        targets = self.adapter.targets(views, images)
+        outputs = self.adapter.forward_train(images)
+        losses, matching = self.adapter.base_losses(outputs.raw, targets)
+
+        if self.equivariance is not None:
+            warps = [x["warp"] for x in batched_inputs]
+            losses.update(
+                self.equivariance(self.adapter, outputs, targets, warps, images.image_sizes)
+            )
+        if self.cross_image is not None:
+            stride = self.adapter.pixel_stride
+            valid_hw = [(-(-h // stride), -(-w // stride)) for h, w in images.image_sizes]
+            image_ids = torch.tensor(
+                [_image_id(x, i % len(batched_inputs)) for i, x in enumerate(views)],
+                device=outputs.pixel_embeds.device,
+            )
+            loss, sampled = self.cross_image(
+                outputs, targets, matching, valid_hw, image_ids, self.memory
+            )
+            losses["loss_cross_image"] = loss
+            if self.memory is not None:
+                self.memory.enqueue(*sampled)
+        return losses
+
+
+def _image_id(x: Dict, fallback: int) -> int:
+    image_id = x.get("image_id", fallback)
+    # A stable hash: ids are compared across processes through the shared memory.
+    return image_id if isinstance(image_id, int) else zlib.crc32(str(image_id).encode())
+
+
+def _check_nonnegative(cfg):
+    iu = cfg.MODEL.INST_UNIQUE
+    for key, value in (
+        ("CROSS_IMAGE.WEIGHT", iu.CROSS_IMAGE.WEIGHT),
+        ("CROSS_IMAGE.MEMORY_PIXELS", iu.CROSS_IMAGE.MEMORY_PIXELS),
+        ("CROSS_IMAGE.CHUNK_PIXELS", iu.CROSS_IMAGE.CHUNK_PIXELS),
+        ("EQUIVARIANCE.WEIGHT", iu.EQUIVARIANCE.WEIGHT),
+    ):
+        if value < 0:
+            raise ValueError(f"MODEL.INST_UNIQUE.{key} must be >= 0, got {value}")
+
+
+def _strip_segmenter_prefix(module, state_dict, prefix, local_metadata):
+    # Re-insert every key of this module so the order stays that of registration.
+    for key, value in [(k, state_dict.pop(k)) for k in list(state_dict) if k.startswith(prefix)]:
+        if key.startswith(prefix + _SEGMENTER):
+            key = prefix + key[len(prefix + _SEGMENTER) :]
+        state_dict[key] = value
+
+
+def _add_segmenter_prefix(state_dict, prefix, *args):
+    for key, value in [(k, state_dict.pop(k)) for k in list(state_dict) if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if not rest.startswith(("memory.", _SEGMENTER)):
+            key = prefix + _SEGMENTER + rest
+        state_dict[key] = value

@@ -1,0 +1,169 @@
+"""Cross-image (inter-image) querying, paper Eq. 5.
+
+A query of image b must fire on its own instance and on nothing in other images: its mask
+embedding e_bq is scored against external pixel embeddings f (other images of the batch
+and the memory) with logit z = e_bq . f and a sigmoid focal loss towards 0. Only the query
+side learns: f is detached. Panoptic stuff (supp. S1): a query matched to a stuff segment
+of class c has target 1 on external pixels labelled c.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+from ..adapter import Matching, SegmenterOutputs
+from .memory import PixelMemory
+from .sampling import sample_pixels, semantic_label_maps
+
+
+class _ExternalFocal(torch.autograd.Function):
+    """Mean focal loss of every (query, external pixel) pair, computed in pixel chunks.
+
+    The (R, N) logit matrix never exists whole: each chunk's gradient w.r.t. the queries
+    is accumulated during the forward pass, so memory is O(R * chunk) whatever N is.
+    """
+
+    @staticmethod
+    def forward(ctx, queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, alpha, gamma,
+                chunk):
+        # At least float32, whatever the inputs or an enclosing autocast: the focal loss of
+        # a well-trained query is tiny on most pairs and its gradient underflows in half
+        # precision (bfloat16 logits alone shift the loss by ~1e-3 relative).
+        dtype = torch.promote_types(queries.dtype, torch.float32)
+        q = queries.detach().to(dtype)
+        want_grad = ctx.needs_input_grad[0]
+        total = q.new_zeros(())
+        grad = torch.zeros_like(q)
+        count = q.new_zeros(())
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            for start in range(0, pixels.shape[0], chunk):
+                f = pixels[start : start + chunk].to(dtype)
+                # An image's own pixels (its other view, its past entries) are not external.
+                keep = (query_ids[:, None] != pixel_ids[None, start : start + chunk]).to(dtype)
+                target = (query_cls[:, None] == pixel_cls[None, start : start + chunk]).to(dtype)
+                target = target * (query_cls[:, None] >= 0).to(dtype)
+                with torch.enable_grad():
+                    z = (q @ f.t()).requires_grad_(want_grad)
+                    loss = sigmoid_focal_loss(z, target, alpha, gamma, reduction="none")
+                    loss = (loss * keep).sum()
+                    if want_grad:
+                        (dz,) = torch.autograd.grad(loss, z)
+                        grad += dz @ f
+                total += loss.detach()
+                count += keep.sum()
+        count = count.clamp(min=1.0)
+        ctx.save_for_backward(grad / count)
+        ctx.query_dtype = queries.dtype
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.query_dtype), *([None] * 8)
+
+
+def external_focal_loss(
+    queries: torch.Tensor, pixels: torch.Tensor, query_ids: torch.Tensor,
+    pixel_ids: torch.Tensor, query_cls: torch.Tensor, pixel_cls: torch.Tensor,
+    alpha: float = 0.25, gamma: float = 2.0, chunk: int = 16384,
+) -> torch.Tensor:
+    """
+    Args:
+        queries: (R, C) query mask embeddings; gradients flow into them.
+        pixels: (N, C) external pixel embeddings; no gradient reaches them.
+        query_ids, pixel_ids: (R,), (N,) image ids; pairs from the same image are skipped.
+        query_cls: (R,) stuff class a query is matched to, -1 for none (target 0 everywhere).
+        pixel_cls: (N,) ground-truth class of each pixel (-1: none).
+    Returns:
+        scalar: mean sigmoid focal loss over the kept (query, pixel) pairs.
+    """
+    _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls)
+    if pixels.shape[0] == 0 or queries.shape[0] == 0:
+        return queries.sum() * 0.0
+    return _ExternalFocal.apply(
+        queries, pixels.detach(), query_ids, pixel_ids, query_cls, pixel_cls, alpha, gamma,
+        max(int(chunk), 1),
+    )
+
+
+def _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls):
+    if queries.dim() != 2 or pixels.dim() != 2 or queries.shape[1] != pixels.shape[1]:
+        raise ValueError(
+            f"external_focal_loss: queries must be (R, C) and pixels (N, C) with the same C, "
+            f"got queries {tuple(queries.shape)} and pixels {tuple(pixels.shape)}"
+        )
+    for name, t, n in (
+        ("query_ids", query_ids, queries.shape[0]),
+        ("query_cls", query_cls, queries.shape[0]),
+        ("pixel_ids", pixel_ids, pixels.shape[0]),
+        ("pixel_cls", pixel_cls, pixels.shape[0]),
+    ):
+        if tuple(t.shape) != (n,):
+            raise ValueError(
+                f"external_focal_loss: {name} must have shape ({n},), got {tuple(t.shape)}"
+            )
+
+
+class CrossImageLoss(nn.Module):
+    """Eq. 5 over a batch: every query against the other images' sampled pixels + memory."""
+
+    def __init__(
+        self, *, weight: float, pixels_per_image: int, alpha: float, gamma: float,
+        chunk_pixels: int, stride: int, stuff_classes: Sequence[int] = (),
+    ):
+        super().__init__()
+        self.weight = weight
+        self.pixels_per_image = pixels_per_image
+        self.alpha = alpha
+        self.gamma = gamma
+        self.chunk_pixels = chunk_pixels
+        self.stride = stride
+        self.stuff_classes = tuple(stuff_classes)
+
+    def query_stuff_classes(self, targets: List[dict], matching: Matching, shape) -> torch.Tensor:
+        """(B, Q): the stuff class each query is matched to, -1 for thing/unmatched queries."""
+        out = torch.full(shape, -1, dtype=torch.long, device=targets[0]["labels"].device)
+        if not self.stuff_classes:
+            return out
+        stuff = torch.tensor(self.stuff_classes, device=out.device)
+        for b, (src, tgt) in enumerate(matching):
+            cls = targets[b]["labels"][tgt]
+            is_stuff = torch.isin(cls, stuff)
+            out[b, src[is_stuff]] = cls[is_stuff]
+        return out
+
+    def forward(
+        self, outputs: SegmenterOutputs, targets: List[dict], matching: Matching,
+        valid_hw: List[Tuple[int, int]], image_ids: torch.Tensor,
+        memory: Optional[PixelMemory],
+    ):
+        """
+        Args:
+            valid_hw: per image, the unpadded size of its pixel-embedding grid.
+            image_ids: (B,) dataset image id of every image (both views share one).
+        Returns:
+            the weighted loss and the sampled (feats (B*S, C), labels, image_ids) to enqueue.
+        """
+        f = outputs.pixel_embeds
+        b, q, c = outputs.query_embeds.shape
+        labels = semantic_label_maps(targets, self.stride, f.shape[-2:])
+        feats, pix_cls = sample_pixels(f.detach(), labels, valid_hw, self.pixels_per_image)
+        feats, pix_cls = feats.reshape(-1, c), pix_cls.reshape(-1)
+        pix_ids = image_ids.repeat_interleave(self.pixels_per_image)
+        external = (feats, pix_cls, pix_ids)
+        if memory is not None and len(memory) > 0:
+            mem_feats, mem_cls, mem_ids = memory.contents()
+            external = tuple(torch.cat(p) for p in zip(external, (mem_feats, mem_cls, mem_ids)))
+        loss = external_focal_loss(
+            outputs.query_embeds.reshape(b * q, c),
+            external[0],
+            image_ids.repeat_interleave(q),
+            external[2],
+            self.query_stuff_classes(targets, matching, (b, q)).reshape(-1),
+            external[1],
+            self.alpha,
+            self.gamma,
+            self.chunk_pixels,
+        )
+        return loss * self.weight, (feats, pix_cls, pix_ids)

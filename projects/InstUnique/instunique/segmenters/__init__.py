@@ -1,0 +1,2 @@
+"""Base segmenters InstUnique can train, each with its adapter."""
+from . import mask2former  # noqa: F401

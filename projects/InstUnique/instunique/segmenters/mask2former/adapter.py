@@ -1,0 +1,31 @@
+"""Mask2Former as an InstUnique base segmenter."""
+import torch
+
+from ...adapter import ADAPTER_REGISTRY, SegmenterAdapter, SegmenterOutputs
+
+
+@ADAPTER_REGISTRY.register()
+class Mask2FormerAdapter(SegmenterAdapter):
+    pixel_stride = 4
+
+    def preprocess(self, batched_inputs):
+        return self.model.preprocess_image(batched_inputs)
+
+    def targets(self, batched_inputs, images):
+        return self.model.prepare_targets(batched_inputs, images)
+
+    def forward_train(self, images):
+        raw = self.model.predict(images)
+        return SegmenterOutputs(
+            pixel_embeds=raw["pixel_embeds"],
+            query_embeds=raw["pred_embeds"],
+            class_logits=raw["pred_logits"],
+            raw=raw,
+        )
+
+    def base_losses(self, raw, targets, pixel_valid=None):
+        return self.model.losses(raw, targets, pixel_valid=pixel_valid)
+
+    def final_layer_outputs(self, class_logits, query_embeds, pixel_embeds):
+        masks = torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)
+        return {"pred_logits": class_logits, "pred_masks": masks}

@@ -1,0 +1,158 @@
+"""The Mask2Former meta-architecture (instance segmentation)."""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from torch import nn
+
+from .criterion import SetCriterion
+from .inference import instance_inference
+from .matcher import HungarianMatcher
+
+
+@META_ARCH_REGISTRY.register()
+class Mask2Former(nn.Module):
+    """Backbone -> MaskFormerHead -> set criterion (training) or instance inference.
+
+    Submodule names are the official ones (``backbone``, ``sem_seg_head``, ``criterion``),
+    so the official model-zoo checkpoints load with no missing or unexpected keys.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        sem_seg_head: nn.Module,
+        criterion: SetCriterion,
+        num_queries: int,
+        size_divisibility: int,
+        pixel_mean,
+        pixel_std,
+        test_topk_per_image: int,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.size_divisibility = size_divisibility
+        self.test_topk_per_image = test_topk_per_image
+        # Not saved: the official checkpoints do not hold them.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        mf = cfg.MODEL.MASK_FORMER
+        if mf.TEST.PANOPTIC_ON or mf.TEST.SEMANTIC_ON or not mf.TEST.INSTANCE_ON:
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST: only instance inference is implemented "
+                "(INSTANCE_ON=True, SEMANTIC_ON=False, PANOPTIC_ON=False)"
+            )
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": build_criterion(cfg),
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalized images padded to a common size divisible by ``size_divisibility``."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """Per image: ``labels`` (N,) and ``masks`` (N, H_pad, W_pad) padded like the image."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            masks = inst.gt_masks.tensor if hasattr(inst, "gt_masks") else torch.zeros(
+                (len(inst), *inst.image_size), dtype=torch.bool, device=self.device
+            )
+            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            targets.append({"labels": inst.gt_classes, "masks": padded})
+        return targets
+
+    def predict(self, images: ImageList) -> Dict:
+        """Raw head outputs for a padded batch (see ``MaskFormerHead.forward``)."""
+        return self.sem_seg_head(self.backbone(images.tensor))
+
+    def losses(self, outputs: Dict, targets: List[Dict], pixel_valid=None):
+        """Weighted set-criterion losses and the final layer's matching."""
+        losses, indices = self.criterion(outputs, targets, pixel_valid=pixel_valid)
+        weights = self.criterion.weight_dict
+        return {k: v * weights[k] for k, v in losses.items() if k in weights}, indices
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2 dicts with "image" (3, H, W) and, in training,
+                "instances"; "height"/"width" give the output resolution at inference.
+        Returns:
+            training: a dict of losses; inference: a list of {"instances": Instances}.
+        """
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.predict(images)
+        if self.training:
+            return self.losses(outputs, self.prepare_targets(batched_inputs, images))[0]
+        return self.inference(outputs, batched_inputs, images)
+
+    def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList):
+        mask_logits = F.interpolate(
+            outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
+            align_corners=False,
+        )
+        results = []
+        for class_logits, masks, x, size in zip(
+            outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes
+        ):
+            height, width = x.get("height", size[0]), x.get("width", size[1])
+            masks = sem_seg_postprocess(masks, size, height, width)
+            results.append(
+                {"instances": instance_inference(
+                    class_logits, masks, (height, width), self.test_topk_per_image
+                )}
+            )
+        return results
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """The set criterion with Mask2Former's matcher and loss weights."""
+    mf = cfg.MODEL.MASK_FORMER
+    matcher = HungarianMatcher(
+        cost_class=mf.CLASS_WEIGHT, cost_mask=mf.MASK_WEIGHT, cost_dice=mf.DICE_WEIGHT,
+        num_points=mf.TRAIN_NUM_POINTS,
+    )
+    base = {"loss_ce": mf.CLASS_WEIGHT, "loss_mask": mf.MASK_WEIGHT, "loss_dice": mf.DICE_WEIGHT}
+    weight_dict = dict(base)
+    if mf.DEEP_SUPERVISION:
+        for i in range(mf.DEC_LAYERS - 1):
+            weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+    return SetCriterion(
+        cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+        matcher=matcher,
+        weight_dict=weight_dict,
+        eos_coef=mf.NO_OBJECT_WEIGHT,
+        losses=["labels", "masks"],
+        num_points=mf.TRAIN_NUM_POINTS,
+        oversample_ratio=mf.OVERSAMPLE_RATIO,
+        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+    )

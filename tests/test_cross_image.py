@@ -1,0 +1,303 @@
+"""Cross-image querying (paper Eq. 5): the chunked focal loss and the batch-level module."""
+import pytest
+import torch
+from torchvision.ops import sigmoid_focal_loss
+
+from instunique.adapter import SegmenterOutputs
+from instunique.objectives import CrossImageLoss, PixelMemory, external_focal_loss
+
+
+def dense_focal(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, alpha=0.25,
+                gamma=2.0):
+    """The whole (R, N) logit matrix at once, mean over the pairs of different images."""
+    z = queries @ pixels.detach().t()
+    target = (query_cls[:, None] == pixel_cls[None]) & (query_cls[:, None] >= 0)
+    keep = query_ids[:, None] != pixel_ids[None]
+    loss = sigmoid_focal_loss(z, target.to(z.dtype), alpha, gamma, reduction="none")
+    return loss[keep].mean()
+
+
+def make_problem(seed=0, r=12, n=23, c=8, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randn(r, c, generator=g, dtype=dtype)
+    pixels = torch.randn(n, c, generator=g, dtype=dtype)
+    query_ids = torch.arange(r) // 4  # images 0, 1, 2
+    pixel_ids = torch.randint(0, 4, (n,), generator=g)  # image 3: only in the memory
+    # Queries 1, 5, 9 are matched to stuff class 2, query 6 to stuff class 1.
+    query_cls = torch.full((r,), -1)
+    query_cls[[1, 5, 9]] = 2
+    query_cls[6] = 1
+    pixel_cls = torch.randint(-1, 3, (n,), generator=g)
+    return queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 23, 100])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 0.0)])
+def test_chunked_loss_equals_dense(chunk, alpha, gamma):
+    queries, pixels, qid, pid, qcls, pcls = make_problem()
+    # The problem must hold both positive (stuff) and negative targets on kept pairs.
+    kept_targets = ((qcls[:, None] == pcls[None]) & (qcls[:, None] >= 0))[qid[:, None] != pid]
+    assert kept_targets.any() and not kept_targets.all()
+
+    q1 = queries.clone().requires_grad_()
+    loss = external_focal_loss(q1, pixels, qid, pid, qcls, pcls, alpha, gamma, chunk=chunk)
+    loss.backward()
+    q2 = queries.clone().requires_grad_()
+    ref = dense_focal(q2, pixels, qid, pid, qcls, pcls, alpha, gamma)
+    ref.backward()
+
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_gradient_scales_with_upstream_gradient():
+    queries, pixels, qid, pid, qcls, pcls = make_problem(seed=1)
+    q1 = queries.clone().requires_grad_()
+    (3.5 * external_focal_loss(q1, pixels, qid, pid, qcls, pcls, chunk=5)).backward()
+    q2 = queries.clone().requires_grad_()
+    (3.5 * dense_focal(q2, pixels, qid, pid, qcls, pcls)).backward()
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_no_gradient_into_external_features():
+    queries, pixels, qid, pid, qcls, pcls = make_problem(dtype=torch.float32)
+    queries.requires_grad_()
+    pixels.requires_grad_()
+    external_focal_loss(queries, pixels, qid, pid, qcls, pcls, chunk=4).backward()
+    assert pixels.grad is None
+    assert queries.grad is not None and queries.grad.abs().sum() > 0
+
+
+def test_loss_is_float32_under_autocast_and_for_half_queries():
+    queries, pixels, qid, pid, qcls, pcls = make_problem(dtype=torch.float32)
+    ref_q = queries.double().requires_grad_()
+    ref = dense_focal(ref_q, pixels.double(), qid, pid, qcls, pcls)
+    ref.backward()
+
+    q = queries.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = external_focal_loss(q, pixels, qid, pid, qcls, pcls, chunk=6)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(q.grad.double(), ref_q.grad, rtol=1e-4, atol=1e-7)
+
+    half = queries.half().requires_grad_()
+    loss = external_focal_loss(half, pixels.half(), qid, pid, qcls, pcls, chunk=6)
+    loss.backward()
+    assert loss.dtype == torch.float32 and half.grad.dtype == torch.float16
+    ref_half = dense_focal(half.detach().double(), pixels.half().double(), qid, pid, qcls, pcls)
+    torch.testing.assert_close(loss.double(), ref_half, rtol=1e-5, atol=0)
+
+
+def test_orthogonal_queries_have_lower_loss():
+    c, n = 8, 40
+    g = torch.Generator().manual_seed(2)
+    # External features live in the first half of the channels, positively.
+    pixels = torch.zeros(n, c)
+    pixels[:, : c // 2] = torch.rand(n, c // 2, generator=g) + 0.5
+    ids_q, ids_p = torch.zeros(6, dtype=torch.long), torch.ones(n, dtype=torch.long)
+    cls_q, cls_p = torch.full((6,), -1), torch.full((n,), -1)
+
+    aligned = 2.0 * pixels[:6].clone()
+    orthogonal = torch.zeros(6, c)
+    orthogonal[:, c // 2 :] = 2.0 * torch.rand(6, c // 2, generator=g) + 0.5
+    loss_aligned = external_focal_loss(aligned, pixels, ids_q, ids_p, cls_q, cls_p)
+    loss_orth = external_focal_loss(orthogonal, pixels, ids_q, ids_p, cls_q, cls_p)
+    loss_opposed = external_focal_loss(-aligned, pixels, ids_q, ids_p, cls_q, cls_p)
+    # Logit 0 everywhere: (1 - alpha) * 0.5**2 * log 2.
+    assert loss_orth.item() == pytest.approx(0.75 * 0.25 * torch.log(torch.tensor(2.0)).item())
+    assert loss_aligned > 10 * loss_orth
+    assert loss_opposed < 0.1 * loss_orth
+
+
+def test_sgd_on_queries_lowers_the_loss():
+    queries, pixels, qid, pid, qcls, pcls = make_problem(seed=3, dtype=torch.float32)
+    pixels_before = pixels.clone()
+    queries.requires_grad_()
+    opt = torch.optim.SGD([queries], lr=2.0)
+    history = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, chunk=8)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert history[-1] < 0.5 * history[0]
+    assert all(b <= a + 1e-7 for a, b in zip(history, history[1:]))
+    assert torch.equal(pixels, pixels_before)
+
+
+def test_same_image_pairs_are_excluded():
+    queries, pixels, _, _, qcls, pcls = make_problem(seed=4)
+    qid = torch.zeros(len(queries), dtype=torch.long)  # all queries from image 0
+    pid = torch.tensor([0, 1] * 11 + [0])
+    loss = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, chunk=5)
+
+    own = pixels.clone()
+    own[pid == 0] = 100 * torch.randn_like(own[pid == 0])
+    same = external_focal_loss(queries, own, qid, pid, qcls, pcls, chunk=5)
+    assert same.item() == loss.item()
+
+    other = pixels.clone()
+    other[pid == 1] = 100 * torch.randn_like(other[pid == 1])
+    assert external_focal_loss(queries, other, qid, pid, qcls, pcls, chunk=5) != loss
+
+    # Only same-image pixels: nothing is external.
+    only_own = external_focal_loss(queries, pixels, qid, torch.zeros_like(pid), qcls, pcls)
+    assert only_own.item() == 0.0
+
+
+def test_empty_externals_give_zero_with_a_grad_path():
+    queries, pixels, qid, pid, qcls, pcls = make_problem()
+    queries.requires_grad_()
+    loss = external_focal_loss(queries, pixels[:0], qid, pid[:0], qcls, pcls[:0])
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(queries.grad, torch.zeros_like(queries))
+
+    no_queries = queries[:0]
+    loss = external_focal_loss(no_queries, pixels, qid[:0], pid, qcls[:0], pcls)
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_bad_shapes_raise():
+    queries, pixels, qid, pid, qcls, pcls = make_problem()
+    with pytest.raises(ValueError, match="same C"):
+        external_focal_loss(queries, pixels[:, :3], qid, pid, qcls, pcls)
+    with pytest.raises(ValueError, match="pixel_ids"):
+        external_focal_loss(queries, pixels, qid, pid[:-1], qcls, pcls)
+    with pytest.raises(ValueError, match="query_cls"):
+        external_focal_loss(queries, pixels, qid, pid, qcls[:, None], pcls)
+
+
+# ---------------------------------------------------------------------------- CrossImageLoss
+STRIDE = 4
+
+
+def make_batch(seed=0, dtype=torch.float64):
+    """4 images (2 pairs of views: ids 10, 11, 10, 11), 3 queries, 6 channels.
+
+    Padded grid 5 x 7 (image 20 x 28); the valid grids differ per image.
+    """
+    g = torch.Generator().manual_seed(seed)
+    b, q, c, h, w = 4, 3, 6, 5, 7
+    outputs = SegmenterOutputs(
+        pixel_embeds=torch.randn(b, c, h, w, generator=g, dtype=dtype).requires_grad_(),
+        query_embeds=torch.randn(b, q, c, generator=g, dtype=dtype).requires_grad_(),
+        class_logits=torch.randn(b, q, 4, generator=g, dtype=dtype),
+        raw={},
+    )
+    valid_hw = [(5, 7), (4, 6), (5, 5), (3, 7)]
+    targets = []
+    for k in range(b):
+        cells = torch.randint(0, 3, (h, w), generator=g)  # segment index per cell
+        masks = torch.stack([cells == s for s in range(3)])
+        masks = masks.repeat_interleave(STRIDE, 1).repeat_interleave(STRIDE, 2)
+        labels = torch.tensor([0, 2, 1]) if k % 2 == 0 else torch.tensor([2, 0, 1])
+        targets.append({"labels": labels, "masks": masks})
+    # Query j of image k matched to target j (image 3 has only 2 matches).
+    matching = [(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))] * 3
+    matching.append((torch.tensor([2, 0]), torch.tensor([0, 1])))
+    image_ids = torch.tensor([10, 11, 10, 11])
+    return outputs, targets, matching, valid_hw, image_ids
+
+
+def make_memory(dim=6):
+    memory = PixelMemory(capacity=9, dim=dim)
+    g = torch.Generator().manual_seed(5)
+    memory.enqueue(
+        torch.randn(7, dim, generator=g), torch.tensor([2, 1, -1, 0, 2, 2, 1]),
+        torch.tensor([12, 10, 12, 13, 11, 12, 13]),
+    )
+    return memory
+
+
+def make_loss(**kwargs):
+    args = dict(weight=2.5, pixels_per_image=5, alpha=0.25, gamma=2.0, chunk_pixels=7,
+                stride=STRIDE, stuff_classes=(2,))
+    args.update(kwargs)
+    return CrossImageLoss(**args)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 20, 27, 1000])
+def test_module_equals_dense_reference_with_memory_and_stuff(chunk):
+    outputs, targets, matching, valid_hw, image_ids = make_batch()
+    memory = make_memory()
+    torch.manual_seed(0)
+    loss, (feats, cls, ids) = make_loss(chunk_pixels=chunk)(
+        outputs, targets, matching, valid_hw, image_ids, memory
+    )
+    loss.backward()
+
+    # The sampled pixels are cells of the valid area of their image, with their GT class.
+    assert feats.shape == (20, 6) and cls.shape == ids.shape == (20,)
+    assert ids.tolist() == [10] * 5 + [11] * 5 + [10] * 5 + [11] * 5
+    f = outputs.pixel_embeds.detach()
+    for row in range(20):
+        k = row // 5
+        hits = (f[k].permute(1, 2, 0) == feats[row]).all(-1).nonzero()
+        assert len(hits) == 1
+        i, j = hits[0].tolist()
+        assert i < valid_hw[k][0] and j < valid_hw[k][1]
+        owner = targets[k]["masks"][:, i * STRIDE + 2, j * STRIDE + 2].nonzero()[0, 0]
+        assert cls[row] == targets[k]["labels"][owner]
+    assert not feats.requires_grad
+
+    # Dense reference over the batch samples followed by the memory.
+    query_cls = torch.full((4, 3), -1)
+    for k, (src, tgt) in enumerate(matching):
+        labels = targets[k]["labels"][tgt]
+        query_cls[k, src[labels == 2]] = 2
+    assert (query_cls >= 0).sum() == 4
+    mem_feats, mem_cls, mem_ids = memory.contents()
+    queries = outputs.query_embeds.detach().clone().requires_grad_()
+    ref = 2.5 * dense_focal(
+        queries.reshape(12, 6), torch.cat([feats, mem_feats.double()]),
+        image_ids.repeat_interleave(3), torch.cat([ids, mem_ids]), query_cls.reshape(-1),
+        torch.cat([cls, mem_cls]),
+    )
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(outputs.query_embeds.grad, queries.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_module_leaves_pixels_and_memory_alone():
+    outputs, targets, matching, valid_hw, image_ids = make_batch(seed=1)
+    memory = make_memory()
+    before = {k: v.clone() for k, v in memory.state_dict().items()}
+    loss, _ = make_loss()(outputs, targets, matching, valid_hw, image_ids, memory)
+    loss.backward()
+    # The loss reads the memory but does not enqueue: the caller does, after the loss.
+    for k, v in memory.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert memory.feats.grad is None
+    assert outputs.pixel_embeds.grad is None
+    assert outputs.query_embeds.grad.abs().sum() > 0
+
+
+def test_module_thing_only_targets_zero_everywhere():
+    outputs, targets, matching, valid_hw, image_ids = make_batch(seed=2)
+    torch.manual_seed(1)
+    loss, (feats, cls, ids) = make_loss(stuff_classes=())(
+        outputs, targets, matching, valid_hw, image_ids, None
+    )
+    ref = 2.5 * dense_focal(
+        outputs.query_embeds.detach().reshape(12, 6), feats, image_ids.repeat_interleave(3),
+        ids, torch.full((12,), -1), cls,
+    )
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+
+def test_module_two_views_of_one_image_are_not_external():
+    outputs, targets, matching, valid_hw, _ = make_batch(seed=3)
+    same_image = torch.tensor([7, 7, 7, 7])
+    loss, _ = make_loss()(outputs, targets, matching, valid_hw, same_image, None)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(outputs.query_embeds.grad, torch.zeros_like(outputs.query_embeds))
+
+    memory = make_memory()  # entries of images 10 to 13 are external to image 7
+    loss, _ = make_loss()(outputs, targets, matching, valid_hw, same_image, memory)
+    assert loss.item() > 0.0

@@ -1,0 +1,61 @@
+"""Helpers shared by the tests: configs, fake inputs."""
+import os
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.structures import BitMasks, Instances
+
+from instunique import add_instunique_config
+from instunique.transforms import AffineWarp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def get_config(path: str, *opts):
+    cfg = get_cfg()
+    add_instunique_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIGS, path))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
+    return cfg
+
+
+def tiny_opts():
+    """Shrink the shapes configs further so a forward/backward takes well under a second."""
+    return [
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", 1,
+        "MODEL.MASK_FORMER.DEC_LAYERS", 3,
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", 256,
+    ]
+
+
+def fake_view(h: int, w: int, num_instances: int, seed: int, image_id: int = 0):
+    """A mapper-style dict with rectangular instances (possibly none)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(num_instances, h, w, dtype=torch.bool)
+    for i in range(num_instances):
+        y0 = int(torch.randint(0, h // 2, (1,), generator=g))
+        x0 = int(torch.randint(0, w // 2, (1,), generator=g))
+        masks[i, y0 : y0 + h // 3, x0 : x0 + w // 3] = True
+    inst = Instances((h, w))
+    inst.gt_masks = BitMasks(masks)
+    inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+    inst.gt_classes = torch.randint(0, 4, (num_instances,), generator=g)
+    image = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+    return {"image": image, "instances": inst, "image_id": image_id, "height": h, "width": w}
+
+
+def fake_pair(h: int, w: int, num_instances: int, seed: int, image_id: int):
+    """View x with its horizontally flipped view x' and the warp between them."""
+    x = fake_view(h, w, num_instances, seed, image_id)
+    x2 = dict(x)
+    x2["image"] = x["image"].flip(-1)
+    inst = Instances((h, w))
+    inst.gt_masks = BitMasks(x["instances"].gt_masks.tensor.flip(-1))
+    inst.gt_boxes = inst.gt_masks.get_bounding_boxes()
+    inst.gt_classes = x["instances"].gt_classes
+    x2["instances"] = inst
+    x["paired_view"] = x2
+    x["warp"] = AffineWarp.hflip(h, w)
+    return x
