@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from instunique.objectives import PixelMemory
 
 DIM = 3

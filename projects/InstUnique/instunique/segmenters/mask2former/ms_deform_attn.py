@@ -72,29 +72,31 @@ def ms_deform_attn_sample(
     if sum(h * w for h, w in shapes) != s:
         raise ValueError(f"value has S={s} positions but spatial_shapes {shapes} sum to another")
 
-    # One layout change for all levels; per-level pieces below are views of these.
-    # value: (B*nH, dH, S); grids: (B*nH, L, Q, P, 2) in grid_sample's [-1, 1] frame.
+    # One layout change for all levels; per-level pieces below are views of these. Points go
+    # before queries so the weighted sum runs over an outer axis (measured ~10% faster on the
+    # CPU than reducing a trailing axis of P entries, forward + backward).
+    # value: (B*nH, dH, S); grids: (B*nH, L, P, Q, 2) in grid_sample's [-1, 1] frame.
     value = value.permute(0, 2, 3, 1).reshape(b * n_heads, d_head, s)
     grids = (
         (2 * sampling_locations - 1)
-        .permute(0, 2, 3, 1, 4, 5)
-        .reshape(b * n_heads, n_levels, q, n_points, 2)
+        .permute(0, 2, 3, 4, 1, 5)
+        .reshape(b * n_heads, n_levels, n_points, q, 2)
     )
-    weights = attention_weights.permute(0, 2, 3, 1, 4).reshape(b * n_heads, n_levels, q, n_points)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(b * n_heads, n_levels, n_points, q)
 
     output = None
     start = 0
     for level, (h, w) in enumerate(shapes):
         value_l = value[:, :, start : start + h * w].unflatten(-1, (h, w))
         start += h * w
-        # (B*nH, dH, Q, P)
+        # (B*nH, dH, P, Q)
         sampled = F.grid_sample(
             value_l, grids[:, level], mode="bilinear", padding_mode="zeros", align_corners=False
         )
-        contribution = (sampled * weights[:, level].unsqueeze(1)).sum(-1)
+        contribution = torch.einsum("ndpq,npq->ndq", sampled, weights[:, level])
         output = contribution if output is None else output + contribution
     # (B*nH, dH, Q) -> (B, Q, nH*dH)
-    return output.view(b, n_heads * d_head, q).transpose(1, 2).contiguous()
+    return output.reshape(b, n_heads * d_head, q).transpose(1, 2).contiguous()
 
 
 class MSDeformAttn(nn.Module):

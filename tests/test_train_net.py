@@ -1,0 +1,119 @@
+"""train_net.py end to end on a tiny shapes set: train, log, checkpoint, resume, evaluate,
+and the errors a user sees for bad input."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from detectron2.engine import default_argument_parser
+
+from instunique.data.shapes import register_shapes
+
+from utils import CONFIGS, ROOT, get_config, tiny_opts
+
+sys.path.insert(0, ROOT)
+import train_net  # noqa: E402
+
+CONFIG = os.path.join(CONFIGS, "shapes/instunique_mask2former_shapes.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train_net"))
+    register_shapes(root, prefix="tiny_shapes", num_train=8, num_val=3)
+    return root
+
+
+def _args(out_dir, *opts, eval_only=False, resume=False, config=CONFIG):
+    argv = ["--config-file", config]
+    argv += ["--eval-only"] if eval_only else []
+    argv += ["--resume"] if resume else []
+    argv += [
+        "DATASETS.TRAIN", "('tiny_shapes_train',)", "DATASETS.TEST", "('tiny_shapes_val',)",
+        "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out_dir),
+        "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", "1000",
+        *[str(o) for o in tiny_opts()], *[str(o) for o in opts],
+    ]
+    return default_argument_parser().parse_args(argv)
+
+
+def _metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.json")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_trains_with_all_terms_logs_them_and_resumes(tiny_shapes, tmp_path):
+    train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
+                         "TEST.EVAL_PERIOD", 0))
+    rows = [r for r in _metrics(tmp_path) if "loss_cross_image" in r]
+    assert rows, "no loss rows logged"
+    for key in ("loss_ce", "loss_mask", "loss_dice", "loss_cross_image", "loss_equi_ce",
+                "loss_equi_mask", "loss_equi_dice", "total_loss"):
+        assert all(key in r and torch.isfinite(torch.tensor(r[key])) for r in rows), key
+    assert rows[-1]["iteration"] == 3
+    assert not [f for f in os.listdir(tmp_path) if ".tmp." in f]
+
+    ckpt = torch.load(os.path.join(tmp_path, "model_final.pth"), weights_only=False)
+    assert int(ckpt["model"]["memory.size"]) > 0 and ckpt["iteration"] == 3
+
+    # Resume from model_0000001 (iteration 1): training continues at iteration 2 with the
+    # memory it had then.
+    with open(os.path.join(tmp_path, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")
+    cfg = train_net.setup(_args(tmp_path, "SOLVER.MAX_ITER", 4, resume=True))
+    trainer = train_net.Trainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 2
+    saved = torch.load(os.path.join(tmp_path, "model_0000001.pth"), weights_only=False)["model"]
+    memory = trainer.model.memory
+    assert torch.equal(memory.feats, saved["memory.feats"])
+    assert int(memory.size) == int(saved["memory.size"]) > 0
+
+
+def test_eval_only_reports_coco_mask_ap(tiny_shapes, tmp_path):
+    train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", 1, "TEST.EVAL_PERIOD", 0))
+    results = train_net.main(
+        _args(tmp_path, "MODEL.WEIGHTS", os.path.join(tmp_path, "model_final.pth"),
+              eval_only=True)
+    )
+    segm = results["segm"]
+    assert {"AP", "AP50", "AP75"} <= set(segm)
+    assert all(0.0 <= segm[k] <= 100.0 for k in ("AP", "AP50", "AP75"))
+
+
+def test_unknown_dataset_lists_registered_names(tmp_path):
+    with pytest.raises(KeyError, match="shapes_train"):
+        train_net.setup(_args(tmp_path, "DATASETS.TEST", "('no_such_dataset',)"))
+
+
+def test_missing_weights_file_names_the_path(tiny_shapes, tmp_path):
+    missing = str(tmp_path / "nowhere" / "model.pth")
+    with pytest.raises(FileNotFoundError, match="nowhere/model.pth"):
+        train_net.main(_args(tmp_path, "MODEL.WEIGHTS", missing, eval_only=True))
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    with pytest.raises((KeyError, AssertionError), match="Non-existent"):
+        train_net.setup(_args(tmp_path, "MODEL.INST_UNIQUE.NO_SUCH_KEY", 1))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("EQUIVARIANCE.CROP_RANGE", "(0.0, 1.0)"),
+        ("EQUIVARIANCE.CROP_RANGE", "(0.6, 1.2)"),
+        ("EQUIVARIANCE.ROTATION_RANGE", "(60.0, 0.0)"),
+        ("EQUIVARIANCE.TRANSFORMS", "['flip', 'shear']"),
+        ("EQUIVARIANCE.WEIGHT", "-1.0"),
+        ("CROSS_IMAGE.WEIGHT", "-0.5"),
+        ("CROSS_IMAGE.MEMORY_PIXELS", "-10"),
+    ],
+)
+def test_out_of_range_values_fail_at_model_build_naming_the_key(key, value):
+    from detectron2.modeling import build_model
+
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml",
+                     f"MODEL.INST_UNIQUE.{key}", value)
+    with pytest.raises(ValueError, match=f"MODEL.INST_UNIQUE.{key}"):
+        build_model(cfg)
