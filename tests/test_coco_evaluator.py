@@ -6,6 +6,7 @@ from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Instances
+
 from instunique.data.datasets import prepare_dataset
 from instunique.data.shapes import register_shapes
 

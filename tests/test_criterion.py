@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from instunique.segmenters.mask2former.criterion import SetCriterion, dice_loss, sigmoid_bce_loss
 from instunique.segmenters.mask2former.matcher import HungarianMatcher
 

@@ -1,9 +1,10 @@
 """Cross-image querying (paper Eq. 5): the chunked focal loss and the batch-level module."""
 import pytest
 import torch
+from torchvision.ops import sigmoid_focal_loss
+
 from instunique.adapter import SegmenterOutputs
 from instunique.objectives import CrossImageLoss, PixelMemory, external_focal_loss
-from torchvision.ops import sigmoid_focal_loss
 
 
 def dense_focal(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, alpha=0.25,

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from detectron2.config import get_cfg
+from scipy.optimize import linear_sum_assignment
+
 from instunique import add_instunique_config
 from instunique.adapter import SegmenterAdapter, SegmenterOutputs
 from instunique.objectives import EquivarianceLoss
 from instunique.segmenters.mask2former.adapter import Mask2FormerAdapter
 from instunique.segmenters.mask2former.meta_arch import Mask2Former, build_criterion
 from instunique.transforms import AffineWarp
-from scipy.optimize import linear_sum_assignment
 
 S = 4  # pixel-embedding stride
 GRID = (10, 12)  # padded feature grid of the batch

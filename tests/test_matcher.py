@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from instunique.segmenters.mask2former.matcher import (
     HungarianMatcher,
     pairwise_dice,

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from instunique.objectives import PixelMemory
 
 DIM = 3
@@ -120,6 +121,40 @@ def test_memory_is_saved_inside_a_model(tmp_path):
     fresh.memory = PixelMemory(capacity=6, dim=DIM)
     fresh.load_state_dict(torch.load(tmp_path / "model.pth", weights_only=True))
     assert_contents(fresh.memory, 0, 4)
+
+
+@pytest.mark.parametrize("capacity,start,ptr", [(3, 4, 0), (8, 2, 5), (0, 7, 0)])
+def test_load_saved_with_another_capacity_keeps_the_newest(capacity, start, ptr):
+    memory = PixelMemory(capacity=5, dim=DIM)
+    memory.enqueue(*rows(0, 4))
+    memory.enqueue(*rows(4, 7))  # holds 2..6, wrapped
+    other = PixelMemory(capacity=capacity, dim=DIM)
+    other.load_state_dict(memory.state_dict())
+    assert_contents(other, start, 7)
+    assert int(other.ptr) == ptr and other.feats.shape == (capacity, DIM)
+    other.enqueue(*rows(7, 9))
+    assert_contents(other, max(start, 9 - capacity), 9)
+
+
+def test_detectron2_checkpointer_with_another_capacity_starts_empty(tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    model = torch.nn.Module()
+    model.memory = PixelMemory(capacity=5, dim=DIM)
+    model.memory.enqueue(*rows(0, 4))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("model")
+    # detectron2 drops the buffers whose shape changed; ptr/size alone must not survive.
+    fresh = torch.nn.Module()
+    fresh.memory = PixelMemory(capacity=3, dim=DIM)
+    DetectionCheckpointer(fresh).load(str(tmp_path / "model.pth"))
+    assert_contents(fresh.memory, 0, 0)
+    assert int(fresh.memory.ptr) == 0
+    fresh.memory.enqueue(*rows(0, 4))
+    assert_contents(fresh.memory, 1, 4)
+    same = torch.nn.Module()
+    same.memory = PixelMemory(capacity=5, dim=DIM)
+    DetectionCheckpointer(same).load(str(tmp_path / "model.pth"))
+    assert_contents(same.memory, 0, 4)
 
 
 # ------------------------------------------------------------------------- two processes

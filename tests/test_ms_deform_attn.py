@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+
 from instunique.segmenters.mask2former.ms_deform_attn import MSDeformAttn, ms_deform_attn_sample
 
 SHAPES = [(3, 5), (2, 3)]  # odd, non-square levels

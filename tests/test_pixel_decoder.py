@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
+
 from instunique.segmenters.mask2former.config import add_mask2former_config
 from instunique.segmenters.mask2former.pixel_decoder import (
     PIXEL_DECODER_REGISTRY,

@@ -3,12 +3,13 @@ import os
 import pytest
 import torch
 from detectron2.config import get_cfg
+from torch import nn
+
 from instunique.segmenters.mask2former.config import add_mask2former_config
 from instunique.segmenters.mask2former.transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
     build_transformer_decoder,
 )
-from torch import nn
 
 REFERENCE_TSV = os.path.join(os.path.dirname(__file__), "data", "m2f_coco_instance_R50.tsv")
 PREFIX = "sem_seg_head.predictor."

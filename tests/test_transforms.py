@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from instunique.transforms import AffineWarp, TransformFamily, warp_feature_batch
 from matplotlib.path import Path
+
+from instunique.transforms import AffineWarp, TransformFamily, warp_feature_batch
 
 H, W = 64, 96
 

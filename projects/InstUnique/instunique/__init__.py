@@ -2,8 +2,10 @@
 
 Importing the package registers the meta-architectures, heads, adapters and datasets.
 """
-from . import data  # noqa: F401  (registers the built-in datasets)
-from . import segmenters  # noqa: F401  (registers the base segmenters and their adapters)
+from . import (
+    data,  # noqa: F401  (registers the built-in datasets)
+    segmenters,  # noqa: F401  (registers the base segmenters and their adapters)
+)
 from .config import add_instunique_config
 from .meta_arch import InstUnique
 

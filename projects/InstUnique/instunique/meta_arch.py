@@ -83,6 +83,17 @@ class InstUnique(nn.Module):
     def device(self):
         return self.segmenter.device
 
+    def __getattr__(self, name: str):
+        # The state_dict names the base model's modules at the top level; resolve those
+        # names too, so tools that walk key paths (fvcore's checkpointer) find the modules.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self._modules.get("segmenter")
+            if modules is not None and name in modules._modules:
+                return modules._modules[name]
+            raise
+
     def forward(self, batched_inputs: List[Dict]):
         """
         Args:
@@ -114,8 +125,7 @@ class InstUnique(nn.Module):
             stride = self.adapter.pixel_stride
             valid_hw = [(-(-h // stride), -(-w // stride)) for h, w in images.image_sizes]
             image_ids = torch.tensor(
-                [_image_id(x, i % len(batched_inputs)) for i, x in enumerate(views)],
-                device=outputs.pixel_embeds.device,
+                [_image_id(x) for x in views], device=outputs.pixel_embeds.device
             )
             loss, sampled = self.cross_image(
                 outputs, targets, matching, valid_hw, image_ids, self.memory
@@ -126,8 +136,13 @@ class InstUnique(nn.Module):
         return losses
 
 
-def _image_id(x: Dict, fallback: int) -> int:
-    image_id = x.get("image_id", fallback)
+def _image_id(x: Dict) -> int:
+    if "image_id" not in x:
+        raise KeyError(
+            "cross-image querying needs each input's dataset 'image_id' (to tell an image's "
+            "own pixels from external ones); the dataset dicts lack it"
+        )
+    image_id = x["image_id"]
     # A stable hash: ids are compared across processes through the shared memory.
     return image_id if isinstance(image_id, int) else zlib.crc32(str(image_id).encode())
 

@@ -71,6 +71,33 @@ class PixelMemory(nn.Module):
         self.ptr.copy_((self.ptr + n) % self.capacity)
         self.size.copy_(torch.clamp(self.size + n, max=self.capacity))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        keys = {name: prefix + name for name in ("feats", "labels", "image_ids", "ptr", "size")}
+        saved = state_dict.get(keys["feats"])
+        if saved is None:
+            # A loader that drops shape-mismatched buffers (detectron2's checkpointer does,
+            # when MEMORY_PIXELS changed) would leave ptr/size describing a queue that is
+            # not there -- possibly longer than this one. Start empty instead.
+            state_dict.pop(keys["ptr"], None)
+            state_dict.pop(keys["size"], None)
+        elif saved.shape[0] != self.capacity and all(k in state_dict for k in keys.values()):
+            self._repack(state_dict, keys)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _repack(self, state_dict, keys):
+        """Rewrite a queue saved with another capacity into this one's: newest entries kept."""
+        old_capacity = state_dict[keys["feats"]].shape[0]
+        old_size, old_ptr = int(state_dict[keys["size"]]), int(state_dict[keys["ptr"]])
+        n = min(old_size, self.capacity)
+        order = (old_ptr - n + torch.arange(n)) % max(old_capacity, 1)  # oldest first
+        for name, fill in (("feats", 0), ("labels", -1), ("image_ids", -1)):
+            old = state_dict[keys[name]]
+            new = torch.full((self.capacity, *old.shape[1:]), fill, dtype=old.dtype)
+            new[:n] = old[order.to(old.device)].cpu()
+            state_dict[keys[name]] = new
+        state_dict[keys["ptr"]] = torch.tensor(n % max(self.capacity, 1))
+        state_dict[keys["size"]] = torch.tensor(n)
+
     def extra_repr(self) -> str:
         return f"capacity={self.capacity}, dim={self.feats.shape[1]}"
 

@@ -51,7 +51,8 @@ class PositionEmbeddingSine(nn.Module):
             mask: optional (B, H, W) bool, True on padded pixels.
 
         Returns:
-            (B, 2 * num_pos_feats, H, W) embedding, in ``x``'s floating dtype.
+            (B, 2 * num_pos_feats, H, W) embedding: float64 for float64 ``x``, else float32
+            (as official, also under AMP: half precision would blur the fine wavelengths).
         """
         if x.dim() != 4:
             raise ValueError(
@@ -65,7 +66,6 @@ class PositionEmbeddingSine(nn.Module):
                 f"PositionEmbeddingSine: mask shape {tuple(mask.shape)} does not match "
                 f"(B, H, W) = {(b, h, w)} of x"
             )
-        # Low precision loses the fine wavelengths; compute in float32 (or float64 if asked).
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         valid = (~mask.bool()).to(dtype)
         y_pos = valid.cumsum(1)
@@ -81,7 +81,7 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = self._sin_cos(y_pos[..., None] / wavelengths, is_sin)
         pos_x = self._sin_cos(x_pos[..., None] / wavelengths, is_sin)
         pos = torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
-        return pos.to(x.dtype) if x.is_floating_point() else pos
+        return pos
 
     @staticmethod
     def _sin_cos(angles: torch.Tensor, is_sin: torch.Tensor) -> torch.Tensor:

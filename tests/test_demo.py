@@ -1,0 +1,339 @@
+"""Demo pictures: sizes, content that depends on the predictions, curves, clear errors."""
+import importlib.util
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Instances
+
+from instunique.data.shapes import register_shapes
+from instunique.transforms import AffineWarp
+from instunique.visualization import (
+    caption_height,
+    compose_row,
+    curve_keys,
+    draw_outputs,
+    equivariance_row,
+    load_metrics,
+    query_response,
+    render_query_response,
+    warp_outputs,
+)
+
+from utils import ROOT, get_config, tiny_opts
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo = _load("instunique_demo_cli", os.path.join(ROOT, "demo", "demo.py"))
+plot_curves_cli = _load("instunique_plot_curves_cli", os.path.join(ROOT, "tools", "plot_curves.py"))
+from predictor import Predictor, read_image  # noqa: E402  (demo.py put demo/ on sys.path)
+
+CONFIG = os.path.join(ROOT, "configs", "shapes", "instunique_mask2former_shapes.yaml")
+DATASET = "demotest_val"
+SIZE = 96  # the smallest shapes image; the model runs at 64 and answers at 96
+GAP = 4
+
+
+def _opts():
+    opts = tiny_opts() + [
+        "INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 64,
+        "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", 8, "TEST.DETECTIONS_PER_IMAGE", 8,
+        "DATASETS.TEST", f"('{DATASET}',)", "MODEL.DEVICE", "cpu",
+    ]
+    return [str(v) for v in opts]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Paths of 3 shapes images of 96x96 in a registered dataset with ground truth."""
+    if DATASET not in DatasetCatalog.list():
+        register_shapes(str(tmp_path_factory.mktemp("demo_data")), prefix="demotest",
+                        num_train=1, num_val=3, image_size=SIZE)
+    return [d["file_name"] for d in DatasetCatalog.get(DATASET)]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Two checkpoints of the same tiny model with different random initializations."""
+    folder = str(tmp_path_factory.mktemp("demo_weights"))
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *_opts())
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        DetectionCheckpointer(build_model(cfg), save_dir=folder).save(f"model_{seed}")
+        paths.append(os.path.join(folder, f"model_{seed}.pth"))
+    return paths
+
+
+def _run(*args, weights_path, config=CONFIG):
+    argv = ["--config-file", config, *args, "--opts", *_opts(), "MODEL.WEIGHTS", weights_path]
+    return demo.main(argv)
+
+
+def _panels(picture, count, width):
+    """Split a captioned row of ``count`` panels of the given width (caption removed)."""
+    top = caption_height(width)
+    assert picture.shape == (top + width, count * width + (count - 1) * GAP, 3)
+    return [picture[top:, k * (width + GAP): k * (width + GAP) + width] for k in range(count)]
+
+
+def _differ(a, b):
+    return float(np.abs(a.astype(int) - b.astype(int)).sum(-1).astype(bool).mean())
+
+
+def test_comparison_rows_with_ground_truth(images, weights, tmp_path):
+    out = _run("--dataset", DATASET, "--max-images", "2", "--compare-weights", weights[0],
+               "--scale", "2", "--confidence-threshold", "0", "--output", str(tmp_path),
+               weights_path=weights[1])
+    assert sorted(os.path.basename(p) for p in out) == ["000000.png", "000001.png"]
+    picture = cv2.imread(out[0])[:, :, ::-1]
+    image, baseline, ours, truth = _panels(picture, 4, 2 * SIZE)
+    source = read_image(images[0])
+    assert np.array_equal(image, cv2.resize(source, (2 * SIZE, 2 * SIZE),
+                                            interpolation=cv2.INTER_NEAREST))
+    # Overlays are drawn, and the two models' predictions differ visibly.
+    assert _differ(baseline, image) > 0.2 and _differ(truth, image) > 0.05
+    assert _differ(baseline, ours) > 0.1
+
+
+def test_single_model_overlay_is_the_picture(images, weights, tmp_path):
+    target = str(tmp_path / "one.png")
+    assert _run("--input", images[0], "--output", target, "--scale", "1",
+                "--confidence-threshold", "0", weights_path=weights[0]) == [target]
+    picture = cv2.imread(target)
+    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 10
+
+
+def test_query_response_reproduces_the_query_mask(images, weights):
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *_opts(),
+                     "MODEL.WEIGHTS", weights[0])
+    predictor = Predictor(cfg)
+    a, b = read_image(images[0]), read_image(images[1])
+    response = query_response(predictor.model, [predictor.inputs(x) for x in (a, b, a)])
+    assert [m.shape for m in response.logits] == [(SIZE, SIZE)] * 3
+    # The response on an image depends on that image only; on A it is the query's mask.
+    np.testing.assert_allclose(response.logits[2], response.logits[0], rtol=1e-4, atol=1e-4)
+    assert np.abs(response.logits[1] - response.logits[0]).mean() > 1e-2
+    inst = predictor(a)["instances"]
+    own = response.logits[0] > 0
+    agreement = [
+        float((mask.numpy() > 0.5).__eq__(own).mean())
+        for mask, c in zip(inst.pred_masks, inst.pred_classes) if int(c) == response.class_id
+    ]
+    assert max(agreement) > 0.995
+
+    picture = render_query_response([a, b, a], response, ["circle", "square", "triangle", "ring"])
+    plain, on_a, on_b, on_a_again = _panels(picture, 4, SIZE)
+    assert np.array_equal(on_a, on_a_again) and _differ(on_a, on_b) > 0.05
+    with pytest.raises(ValueError, match="query must be an int in \\[0, 8\\)"):
+        query_response(predictor.model, [predictor.inputs(a)], query=8)
+
+
+def test_query_response_cli_on_the_base_model(images, weights, tmp_path):
+    # An InstUnique checkpoint drives a plain Mask2Former, reached without the InstUnique
+    # wrapper's adapter.
+    out = _run("--input", os.path.dirname(images[0]), "--max-images", "1", "--query-response",
+               "--num-others", "1", "--query", "2", "--scale", "1", "--output", str(tmp_path),
+               weights_path=weights[0],
+               config=os.path.join(ROOT, "configs", "shapes", "mask2former_shapes.yaml"))
+    assert len(out) == 1
+    picture = cv2.imread(out[0])
+    _panels(picture, 3, SIZE)
+
+
+def _instances(masks, scores, classes):
+    inst = Instances(masks.shape[1:])
+    inst.pred_masks = masks.float()
+    inst.pred_boxes = BitMasks(masks).get_bounding_boxes()
+    inst.scores = torch.tensor(scores)
+    inst.pred_classes = torch.tensor(classes)
+    return inst
+
+
+def _square_masks(h, w):
+    masks = torch.zeros(2, h, w, dtype=torch.bool)
+    masks[0, 10:40, 5:30] = True
+    masks[1, 50:80, 45:90] = True
+    return masks
+
+
+def test_overlays_depend_only_on_predictions():
+    meta = MetadataCatalog.get("demotest_meta").set(thing_classes=["a", "b"])
+    image = np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    masks = _square_masks(SIZE, SIZE)
+    first = {"instances": _instances(masks, [0.9, 0.8], [0, 1])}
+    other = {"instances": _instances(masks.roll(20, dims=2), [0.9, 0.8], [0, 1])}
+    drawn = draw_outputs(image, first, meta, 0.5, scale=1.5)
+    assert drawn.shape == (144, 144, 3)
+    assert np.array_equal(drawn, draw_outputs(image, first, meta, 0.5, scale=1.5))
+    assert _differ(drawn, draw_outputs(image, other, meta, 0.5, scale=1.5)) > 0.05
+    # Below the threshold nothing is drawn.
+    blank = draw_outputs(image, first, meta, 0.95)
+    assert np.array_equal(blank, image)
+    with pytest.raises(ValueError, match="image of size \\(96, 96\\).*\\(50, 60\\)"):
+        draw_outputs(image[:50, :60], first, meta)
+
+
+def test_warp_outputs_moves_masks_and_boxes():
+    masks = _square_masks(SIZE, SIZE)
+    outputs = {"instances": _instances(masks, [0.9, 0.8], [0, 1])}
+    flip = AffineWarp.hflip(SIZE, SIZE)
+    flipped = warp_outputs(outputs, flip)["instances"]
+    assert torch.equal(flipped.pred_masks.bool(), masks.flip(-1))
+    assert flipped.pred_boxes.tensor[0].tolist() == [SIZE - 30.0, 10.0, SIZE - 5.0, 40.0]
+    assert torch.equal(flipped.scores, outputs["instances"].scores)
+
+    crop = AffineWarp.crop(SIZE, SIZE, 20, 0, 60, 60)
+    back = warp_outputs(warp_outputs(outputs, crop), crop.inverse())["instances"]
+    window = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    window[20:80, :60] = True
+    assert torch.equal(back.pred_masks.bool(), masks & window)
+
+    seg = torch.zeros(60, 60, dtype=torch.int32)  # a panoptic map of the crop
+    seg[:, :10] = 1
+    moved, _ = warp_outputs({"panoptic_seg": (seg, [])}, crop.inverse())["panoptic_seg"]
+    assert int(moved[0, 0]) == -1 and int(moved[30, 5]) == 1 and int(moved[30, 50]) == 0
+    with pytest.raises(ValueError, match="src_size"):
+        warp_outputs(outputs, AffineWarp.hflip(50, 50))
+
+
+def test_equivariant_predictions_give_matching_panels():
+    meta = MetadataCatalog.get("demotest_meta").set(thing_classes=["a", "b"])
+    image = np.random.default_rng(1).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    outputs = {"instances": _instances(_square_masks(SIZE, SIZE), [0.9, 0.8], [0, 1])}
+    flip = AffineWarp.hflip(SIZE, SIZE)
+    row = equivariance_row(image, outputs, flip, warp_outputs(outputs, flip), meta, scale=1.0)
+    on_x, on_tx, back = _panels(row, 3, SIZE)
+    assert np.array_equal(on_x, back) and _differ(on_x, on_tx) > 0.05
+    # A model that ignores T gives a different last panel.
+    row = equivariance_row(image, outputs, flip, outputs, meta, scale=1.0)
+    assert _differ(_panels(row, 3, SIZE)[2], on_x) > 0.05
+
+
+def test_equivariance_cli_and_video(images, weights, tmp_path):
+    out = _run("--input", images[0], "--equivariance", "--transform", "crop", "--scale", "1",
+               "--output", str(tmp_path / "eq"), weights_path=weights[0])
+    picture = cv2.imread(out[0])
+    assert picture.shape[0] == SIZE + caption_height(SIZE) and picture.std() > 10
+
+    video = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (SIZE, SIZE))
+    for path in images[:2]:
+        writer.write(cv2.imread(path))
+    writer.release()
+    out = _run("--video-input", video, "--scale", "1", "--output", str(tmp_path / "vid"),
+               weights_path=weights[0])
+    assert out == [str(tmp_path / "vid" / "clip.mp4")]
+    capture = cv2.VideoCapture(out[0])
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
+    capture.release()
+    assert len(frames) == 2 and frames[0].shape == (SIZE, SIZE, 3)
+
+
+def test_panoptic_outputs_take_the_panoptic_path():
+    meta = MetadataCatalog.get("demotest_panoptic").set(
+        thing_classes=["a"], stuff_classes=["a", "sky"]
+    )
+    image = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    seg = torch.zeros(SIZE, SIZE, dtype=torch.int32)
+    seg[:40] = 1
+    seg[60:80, 60:80] = 2
+    info = [{"id": 1, "category_id": 1, "isthing": False},
+            {"id": 2, "category_id": 0, "isthing": True, "score": 0.9}]
+    drawn = draw_outputs(image, {"panoptic_seg": (seg, info)}, meta)
+    assert _differ(drawn[:40], image[:40]) > 0.5 and _differ(drawn[60:80, 60:80],
+                                                             image[60:80, 60:80]) > 0.5
+    assert _differ(drawn[45:55, :50], image[45:55, :50]) < 0.05
+
+
+def test_compose_row_sizes_and_errors():
+    panels = [np.zeros((40, 30, 3), np.uint8), np.zeros((80, 20, 3), np.uint8)]
+    row = compose_row(panels, ["left", "right"])
+    assert row.shape == (80 + caption_height(60), 60 + GAP + 20, 3)
+    assert row[caption_height(60):].max() == 255  # the white gap
+    with pytest.raises(ValueError, match="2 panels"):
+        compose_row(panels, ["one"])
+    with pytest.raises(ValueError, match="panel 1 must be an RGB array"):
+        compose_row([panels[0], np.zeros((5, 5), np.uint8)])
+
+
+def test_bad_inputs_name_the_file(images, weights, tmp_path):
+    missing = str(tmp_path / "nope.png")
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        _run("--input", missing, "--output", str(tmp_path), weights_path=weights[0])
+    with pytest.raises(FileNotFoundError, match="no file matches the pattern .*zzz"):
+        _run("--input", str(tmp_path / "*.zzz"), "--output", str(tmp_path),
+             weights_path=weights[0])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="in folder .*empty"):
+        _run("--input", str(tmp_path / "empty"), "--output", str(tmp_path),
+             weights_path=weights[0])
+    fake = tmp_path / "text.png"
+    fake.write_text("not an image")
+    with pytest.raises(ValueError, match="cannot read .*text.png as an image"):
+        _run("--input", str(fake), "--output", str(tmp_path / "o"), weights_path=weights[0])
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*gone.pth"):
+        _run("--input", images[0], "--output", str(tmp_path / "o"),
+             weights_path=str(tmp_path / "gone.pth"))
+    with pytest.raises(ValueError, match="names one file but there are 2 pictures"):
+        _run("--input", *images[:2], "--output", str(tmp_path / "x.png"),
+             weights_path=weights[0])
+    with pytest.raises(FileNotFoundError, match="video not found: .*clip.avi"):
+        _run("--video-input", str(tmp_path / "clip.avi"), "--output", str(tmp_path),
+             weights_path=weights[0])
+
+
+def _write_metrics(path, scale):
+    lines = [
+        {"iteration": it, "total_loss": 9.0 * scale / it, "loss_ce": 1.0 / it, "loss_mask": 2.0,
+         "loss_dice": 3.0 / it, "loss_ce_0": 1.5, "lr": 1e-4, "data_time": 0.1}
+        for it in (19, 39, 59)
+    ]
+    lines.append({"iteration": 59, "segm/AP": 12.5 * scale, "segm/AP50": 30.0})
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in lines) + '\n{"iteration": 79, "total_l')
+
+
+def test_curves_from_metrics_json(tmp_path):
+    for run, scale in (("baseline", 1.0), ("instunique", 0.5)):
+        (tmp_path / run).mkdir()
+        _write_metrics(tmp_path / run / "metrics.json", scale)
+    records = load_metrics(str(tmp_path / "baseline" / "metrics.json"))
+    assert [r["iteration"] for r in records] == [19, 39, 59]  # torn last line skipped
+    assert records[-1]["segm/AP"] == 12.5 and records[-1]["loss_mask"] == 2.0
+    assert curve_keys([records]) == ["total_loss", "loss_ce", "loss_dice", "loss_mask", "segm/AP"]
+    assert "loss_ce_0" in curve_keys([records], include_aux=True)
+
+    target = str(tmp_path / "curves.png")
+    plot_curves_cli.main([str(tmp_path / "baseline"), str(tmp_path / "instunique"),
+                          "--output", target, "--log"])
+    picture = cv2.imread(target)
+    assert picture.shape == (2 * 320, 4 * 320, 3) and picture.std() > 5
+    # The curves are drawn from the data: other values give other pixels.
+    other = str(tmp_path / "other.png")
+    plot_curves_cli.main([str(tmp_path / "baseline"), "--output", other, "--log"])
+    assert _differ(cv2.imread(other), picture) > 0.001
+
+    with pytest.raises(FileNotFoundError, match="metrics file not found: .*absent.json"):
+        load_metrics(str(tmp_path / "absent.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("hello\n[1, 2]\n")
+    with pytest.raises(ValueError, match="bad.json holds no metrics record"):
+        load_metrics(str(bad))
