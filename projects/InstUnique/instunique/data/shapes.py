@@ -4,8 +4,9 @@
 It exists so that training, evaluation and the tests can run end to end without COCO.
 Its content is chosen to need what the method is about, telling instances apart:
 
-* the class is the geometric shape (circle, square, triangle, ring), never the colour:
-  colours are drawn per image;
+* the class is a geometric shape (circle, square, triangle, ring) with a colour family of its
+  own (one hue band per class, shade drawn per image), so class is easy to see and the
+  hard part is the method's: telling apart instances that look alike;
 * inside one image, all instances of a class share one colour and a similar size, so
   two touching circles differ only by where they are, not by how they look;
 * instances touch and overlap; they are painted back to front and each mask is the
@@ -49,13 +50,15 @@ SHAPES_CLASSES = ["circle", "square", "triangle", "ring"]
 SHAPES_COLORS = [[220, 20, 60], [0, 130, 200], [60, 180, 75], [245, 130, 48]]
 
 # Bumped when the generator's output changes; stored in the json "info".
-_VERSION = 1
+_VERSION = 3
 _SPLIT_SEEDS = {"train": 0, "val": 1}
 _DEFAULT_NUM_IMAGES = {"train": 2000, "val": 200}
 
-_MIN_INSTANCES, _MAX_INSTANCES = 3, 8
-_MIN_SIZE, _MAX_SIZE = 14, 48  # characteristic size (diameter) in pixels at 128x128
-_MIN_VISIBLE_PX = 40
+_MIN_INSTANCES, _MAX_INSTANCES = 2, 6
+# Characteristic size (diameter) in pixels at 128x128: large enough that the shape, hence the
+# class, is visible at the decoder's coarsest attention levels (strides 8-32).
+_MIN_SIZE, _MAX_SIZE = 24, 60
+_MIN_VISIBLE_PX = 80
 _MIN_VISIBLE_FRAC = 0.3
 _PNG_PARAMS = [
     cv2.IMWRITE_PNG_COMPRESSION, 1,
@@ -120,9 +123,9 @@ def _full_mask(shape: _Shape, size: int) -> np.ndarray:
 
 
 def _random_palette(rng: np.random.Generator, n: int) -> Tuple[np.ndarray, np.ndarray]:
-    """A muted background colour (3,) and ``n`` saturated colours (n, 3) with distinct hues."""
-    hue0 = rng.uniform(0, 180)
-    hues = (hue0 + np.arange(n) * (180 / n) + rng.uniform(-8, 8, n)) % 180
+    """A muted background colour (3,) and one saturated colour per class (n, 3): class c's
+    hue stays within a band of its own, its saturation and brightness vary per image."""
+    hues = (np.arange(n) * (180 / n) + rng.uniform(-10, 10, n)) % 180
     hsv = np.stack([hues, rng.uniform(150, 255, n), rng.uniform(140, 255, n)], 1)
     colours = cv2.cvtColor(hsv.astype(np.uint8)[None], cv2.COLOR_HSV2BGR)[0]
     bg_hsv = np.array([[[rng.uniform(0, 180), rng.uniform(0, 60), rng.uniform(60, 150)]]])
@@ -151,7 +154,7 @@ def _sample_layout(rng: np.random.Generator, size: int, colours: np.ndarray) -> 
     cats = np.concatenate([classes, rng.choice(classes, n - num_classes)])
     rng.shuffle(cats)
     base_size = {int(c): rng.uniform(_MIN_SIZE, _MAX_SIZE) for c in classes}
-    colour_of = {int(c): colours[i] for i, c in enumerate(classes)}
+    colour_of = {int(c): colours[int(c)] for c in classes}
 
     shapes: List[_Shape] = []
     # One row of uniforms per shape (fewer generator calls: generation speed matters).

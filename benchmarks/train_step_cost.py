@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Training-step cost of the InstUnique terms, side by side in one run.
+
+Variants (same model, same batch of paired views, same seed): the baseline trains on the
+paired views as plain samples; then + cross-image querying with memory 0 / 10k / 50k /
+100k pixels, + equivariance, and all terms. Repetitions are interleaved so drifts of the
+machine hit every variant alike. The memory is filled to capacity first: the cost measured
+is the steady state. Peak memory: max allocated on CUDA; on the CPU, the peak RSS of a
+child process that runs the variant alone.
+
+    python benchmarks/train_step_cost.py --output benchmarks/results/train_step_cost.json
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+
+import torch
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+from common import load_config, machine, paired_batch, timed
+
+VARIANTS = {
+    "baseline (paired views)": {"CROSS": False, "MEMORY": 0, "EQUI": False},
+    "+ cross-image, memory 0": {"CROSS": True, "MEMORY": 0, "EQUI": False},
+    "+ cross-image, memory 10k": {"CROSS": True, "MEMORY": 10000, "EQUI": False},
+    "+ cross-image, memory 50k": {"CROSS": True, "MEMORY": 50000, "EQUI": False},
+    "+ cross-image, memory 100k": {"CROSS": True, "MEMORY": 100000, "EQUI": False},
+    "+ equivariance": {"CROSS": False, "MEMORY": 0, "EQUI": True},
+    "all (memory 100k)": {"CROSS": True, "MEMORY": 100000, "EQUI": True},
+}
+
+
+def build(args, variant):
+    v = VARIANTS[variant]
+    cfg = load_config(args.config, [
+        "MODEL.DEVICE", args.device,
+        "MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", v["CROSS"],
+        "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", v["MEMORY"],
+        "MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", v["EQUI"],
+        *args.opts,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    if model.memory is not None:  # steady state: a full queue
+        m = model.memory
+        m.enqueue(torch.randn(m.capacity, m.feats.shape[1]),
+                  torch.randint(-1, 4, (m.capacity,)), torch.full((m.capacity,), -7))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = paired_batch(cfg, args.pairs)
+
+    def step():
+        with EventStorage():
+            losses = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+def peak_memory_mb(args, variant, queue):
+    step = build(args, variant)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(args.memory_steps):
+        step()
+    if args.device.startswith("cuda"):
+        queue.put(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/shapes/instunique_mask2former_shapes.yaml")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--pairs", type=int, default=4, help="dataset samples (pairs) per step")
+    p.add_argument("--reps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--output", default="benchmarks/results/train_step_cost.json")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    args = p.parse_args()
+
+    steps = {v: build(args, v) for v in VARIANTS}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    times = {v: [] for v in VARIANTS}
+    for _ in range(args.reps):
+        for v, step in steps.items():
+            times[v].append(timed(step, args.device))
+    del steps
+
+    ctx = mp.get_context("spawn")
+    peaks = {}
+    for v in VARIANTS:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=peak_memory_mb, args=(args, v, queue))
+        proc.start()
+        peaks[v] = queue.get()
+        proc.join()
+
+    base_t = statistics.median(times["baseline (paired views)"])
+    base_m = peaks["baseline (paired views)"]
+    rows = []
+    for v in VARIANTS:
+        ratios = sorted(t / base_t for t in times[v])
+        q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+        rows.append({
+            "variant": v, "median_s": statistics.median(times[v]),
+            "ratio_median": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3,
+            "peak_mb": peaks[v], "peak_ratio": peaks[v] / base_m,
+        })
+    unit = "max allocated" if args.device.startswith("cuda") else "peak RSS"
+    print(f"\nTraining step cost, {args.pairs} pairs/step, {args.reps} interleaved reps, "
+          f"{args.config}\nmachine: {machine()}\n")
+    print(f"| variant | step (s, median) | ratio to baseline (median [q1, q3]) | "
+          f"{unit} (MiB) | memory ratio |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['median_s']:.3f} | {r['ratio_median']:.3f} "
+              f"[{r['ratio_q1']:.3f}, {r['ratio_q3']:.3f}] | {r['peak_mb']:.0f} | "
+              f"{r['peak_ratio']:.3f} |")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
