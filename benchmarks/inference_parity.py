@@ -18,8 +18,9 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from common import load_config, machine, timed
 from instunique.data.datasets import prepare_dataset
+
+from common import load_config, machine, timed
 
 
 def main():
@@ -61,9 +62,12 @@ def main():
             for x in inputs:
                 out = {}
                 for label, m in (("InstUnique", model), ("base", base)):
-                    times[label].append(timed(lambda m=m, x=x: out.setdefault(label, m([x])),
-                                              args.device))
-                a, b = out["InstUnique"][0]["instances"], out["base"][0]["instances"]
+
+                    def run(label=label, m=m, x=x, out=out):
+                        out[label] = m([x])[0]["instances"]
+
+                    times[label].append(timed(run, args.device))
+                a, b = out["InstUnique"], out["base"]
                 identical &= all(torch.equal(a.get(k), b.get(k)) for k in
                                  ("scores", "pred_classes", "pred_masks"))
 

@@ -34,8 +34,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from predictor import Predictor, read_image  # noqa: E402
-
 from instunique import add_instunique_config  # noqa: E402
 from instunique.data.datasets import prepare_dataset  # noqa: E402
 from instunique.transforms import AffineWarp, TransformFamily  # noqa: E402
@@ -48,6 +46,8 @@ from instunique.visualization import (  # noqa: E402
     render_query_response,
     stack_rows,
 )
+
+from predictor import Predictor, read_image  # noqa: E402
 
 logger = logging.getLogger("instunique.demo")
 

@@ -42,7 +42,7 @@ from predictor import Predictor, read_image  # noqa: E402  (demo.py put demo/ on
 
 CONFIG = os.path.join(ROOT, "configs", "shapes", "instunique_mask2former_shapes.yaml")
 DATASET = "demotest_val"
-SIZE = 96  # the smallest shapes image; the model runs at 64 and answers at 96
+SIZE = 120  # the smallest shapes image; the model runs at 64 and answers at 120
 GAP = 4
 
 
@@ -57,7 +57,7 @@ def _opts():
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """Paths of 3 shapes images of 96x96 in a registered dataset with ground truth."""
+    """Paths of 3 shapes images of 120x120 in a registered dataset with ground truth."""
     if DATASET not in DatasetCatalog.list():
         register_shapes(str(tmp_path_factory.mktemp("demo_data")), prefix="demotest",
                         num_train=1, num_val=3, image_size=SIZE)
@@ -176,13 +176,13 @@ def test_overlays_depend_only_on_predictions():
     first = {"instances": _instances(masks, [0.9, 0.8], [0, 1])}
     other = {"instances": _instances(masks.roll(20, dims=2), [0.9, 0.8], [0, 1])}
     drawn = draw_outputs(image, first, meta, 0.5, scale=1.5)
-    assert drawn.shape == (144, 144, 3)
+    assert drawn.shape == (int(SIZE * 1.5), int(SIZE * 1.5), 3)
     assert np.array_equal(drawn, draw_outputs(image, first, meta, 0.5, scale=1.5))
     assert _differ(drawn, draw_outputs(image, other, meta, 0.5, scale=1.5)) > 0.05
     # Below the threshold nothing is drawn.
     blank = draw_outputs(image, first, meta, 0.95)
     assert np.array_equal(blank, image)
-    with pytest.raises(ValueError, match="image of size \\(96, 96\\).*\\(50, 60\\)"):
+    with pytest.raises(ValueError, match="image of size \\(120, 120\\).*\\(50, 60\\)"):
         draw_outputs(image[:50, :60], first, meta)
 
 
