@@ -62,14 +62,35 @@ def build(args, variant):
     return step
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def peak_memory_mb(args, variant, queue):
+    """Peak memory of training steps alone: the first step (lazy allocations, imports) and
+    model building are excluded."""
     step = build(args, variant)
+    step()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    exact = _reset_peak_rss()
     for _ in range(args.memory_steps):
         step()
     if args.device.startswith("cuda"):
         queue.put(torch.cuda.max_memory_allocated() / 2**20)
+    elif exact:
+        queue.put(_peak_rss_mb())
     else:
         queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 

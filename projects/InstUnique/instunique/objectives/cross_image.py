@@ -9,12 +9,38 @@ of class c has target 1 on external pixels labelled c.
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import sigmoid_focal_loss
 
 from ..adapter import Matching, SegmenterOutputs
 from .memory import PixelMemory
 from .sampling import sample_pixels, semantic_label_maps
+
+
+def _focal_and_grad(z: torch.Tensor, target: Optional[torch.Tensor], alpha: float,
+                    gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise sigmoid focal loss of logits z (R, n) and its derivative dL/dz.
+
+    Closed form, so no autograd graph is kept per chunk. With p = sigmoid(z), ce the
+    binary cross-entropy, m = 1 - p_t the modulating base and a_t the alpha weight:
+    L = a_t m^gamma ce and dL/dz = a_t (gamma m^(gamma-1) dm/dz ce + m^gamma (p - t)),
+    where dm/dz = p (1 - p) (1 - 2t). ``target=None`` means all zeros (thing queries), the
+    common case: then L = (1 - alpha) p^gamma softplus(z). alpha < 0 disables the alpha
+    weight (a_t = 1), as in torchvision's sigmoid_focal_loss.
+    """
+    p = torch.sigmoid(z)
+    softplus = F.softplus(z)
+    if target is None:
+        a_t = (1 - alpha) if alpha >= 0 else 1.0
+        p_gamma = p.pow(gamma)
+        return a_t * p_gamma * softplus, a_t * p_gamma * (gamma * (1 - p) * softplus + p)
+    ce = softplus - target * z
+    m = p + target * (1 - 2 * p)
+    a_t = (1 - alpha) + target * (2 * alpha - 1) if alpha >= 0 else 1.0
+    m_gamma = m.pow(gamma)
+    # gamma * m^(gamma - 1) * dm/dz, written so that m = 0 gives 0 for any gamma > 0.
+    dm_term = gamma * m_gamma * (1 - 2 * target) * torch.where(m > 0, p * (1 - p) / m, 0.0)
+    return a_t * m_gamma * ce, a_t * (dm_term * ce + m_gamma * (p - target))
 
 
 class _ExternalFocal(torch.autograd.Function):
@@ -32,26 +58,30 @@ class _ExternalFocal(torch.autograd.Function):
         # precision (bfloat16 logits alone shift the loss by ~1e-3 relative).
         dtype = torch.promote_types(queries.dtype, torch.float32)
         q = queries.detach().to(dtype)
-        want_grad = ctx.needs_input_grad[0]
         total = q.new_zeros(())
         grad = torch.zeros_like(q)
         count = q.new_zeros(())
+        own_ids = query_ids.unique()
+        stuff = query_cls >= 0
         with torch.autocast(device_type=q.device.type, enabled=False):
             for start in range(0, pixels.shape[0], chunk):
                 f = pixels[start : start + chunk].to(dtype)
-                # An image's own pixels (its other view, its past entries) are not external.
-                keep = (query_ids[:, None] != pixel_ids[None, start : start + chunk]).to(dtype)
-                target = (query_cls[:, None] == pixel_cls[None, start : start + chunk]).to(dtype)
-                target = target * (query_cls[:, None] >= 0).to(dtype)
-                with torch.enable_grad():
-                    z = (q @ f.t()).requires_grad_(want_grad)
-                    loss = sigmoid_focal_loss(z, target, alpha, gamma, reduction="none")
-                    loss = (loss * keep).sum()
-                    if want_grad:
-                        (dz,) = torch.autograd.grad(loss, z)
-                        grad += dz @ f
-                total += loss.detach()
-                count += keep.sum()
+                ids = pixel_ids[start : start + chunk]
+                target = None
+                if stuff.any():
+                    cls = pixel_cls[start : start + chunk]
+                    target = ((query_cls[:, None] == cls[None]) & stuff[:, None]).to(dtype)
+                loss, dz = _focal_and_grad(q @ f.t(), target, alpha, gamma)
+                n_pairs = loss.numel()
+                # An image's own pixels (its other view, its past entries) are not external;
+                # most chunks (the memory) hold none, and skip the mask.
+                if torch.isin(ids, own_ids).any():
+                    keep = (query_ids[:, None] != ids[None]).to(dtype)
+                    loss, dz, n_pairs = loss * keep, dz * keep, keep.sum()
+                total += loss.sum()
+                if ctx.needs_input_grad[0]:
+                    grad += dz @ f
+                count += n_pairs
         count = count.clamp(min=1.0)
         ctx.save_for_backward(grad / count)
         ctx.query_dtype = queries.dtype
