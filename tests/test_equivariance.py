@@ -118,6 +118,7 @@ class FakeAdapter(SegmenterAdapter):
     cross-entropy over all queries ("no object" for unmatched), BCE on matched masks."""
 
     pixel_stride = S
+    embed_dim = C
 
     def __init__(self):
         super().__init__(model=None)

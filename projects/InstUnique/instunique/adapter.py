@@ -46,6 +46,11 @@ class SegmenterAdapter(ABC):
     def __init__(self, model: nn.Module):
         self.model = model
 
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int:
+        """C, the width of the pixel and query embeddings."""
+
     @abstractmethod
     def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalized, padded images of detectron2 dicts."""

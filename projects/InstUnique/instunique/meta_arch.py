@@ -54,7 +54,7 @@ class InstUnique(nn.Module):
                 f"a registered meta-architecture"
             )
         segmenter = META_ARCH_REGISTRY.get(iu.BASE_META_ARCHITECTURE)(base_cfg)
-        stride = build_adapter(segmenter).pixel_stride
+        adapter = build_adapter(segmenter)
         cross = eq = memory = None
         _check_nonnegative(cfg)
         if iu.CROSS_IMAGE.ENABLED:
@@ -69,14 +69,14 @@ class InstUnique(nn.Module):
                 alpha=iu.CROSS_IMAGE.FOCAL_ALPHA,
                 gamma=iu.CROSS_IMAGE.FOCAL_GAMMA,
                 chunk_pixels=iu.CROSS_IMAGE.CHUNK_PIXELS,
-                stride=stride,
+                stride=adapter.pixel_stride,
             )
             if iu.CROSS_IMAGE.MEMORY_PIXELS > 0:
-                memory = PixelMemory(iu.CROSS_IMAGE.MEMORY_PIXELS, cfg.MODEL.SEM_SEG_HEAD.MASK_DIM)
+                memory = PixelMemory(iu.CROSS_IMAGE.MEMORY_PIXELS, adapter.embed_dim)
         # Built even when the term is off: the paired-view mapper reads the same keys.
         build_transform_family(cfg)
         if iu.EQUIVARIANCE.ENABLED:
-            eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=stride)
+            eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=adapter.pixel_stride)
         return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory}
 
     @property

@@ -8,6 +8,10 @@ from ...adapter import ADAPTER_REGISTRY, SegmenterAdapter, SegmenterOutputs
 class Mask2FormerAdapter(SegmenterAdapter):
     pixel_stride = 4
 
+    @property
+    def embed_dim(self):
+        return self.model.sem_seg_head.predictor.mask_embed.layers[-1].out_features
+
     def preprocess(self, batched_inputs):
         return self.model.preprocess_image(batched_inputs)
 
