@@ -45,11 +45,10 @@ class PairedViewMapper:
         warped_image = np.stack(
             [warp.apply_image(image[..., c], fill=v) for c, v in enumerate(self.fill)], -1
         )
-        warped_masks = np.stack([warp.apply_segmentation(m) for m in masks.astype(np.uint8)])\
-            if len(masks) else np.zeros((0, *warp.dst_size), dtype=bool)
+        warped_masks = np.zeros((len(masks), *warp.dst_size), dtype=bool)
+        for i, mask in enumerate(masks):
+            warped_masks[i] = warp.apply_segmentation(mask)
         view = self.base.to_view(dataset_dict, image, masks, classes)
-        view["paired_view"] = self.base.to_view(
-            dataset_dict, warped_image, warped_masks.astype(bool), classes
-        )
+        view["paired_view"] = self.base.to_view(dataset_dict, warped_image, warped_masks, classes)
         view["warp"] = warp
         return view
