@@ -97,8 +97,10 @@ class Mask2Former(nn.Module):
 
     def losses(self, outputs: Dict, targets: List[Dict], pixel_valid=None):
         """Weighted set-criterion losses and the final layer's matching."""
-        losses, indices = self.criterion(outputs, targets, pixel_valid=pixel_valid)
         weights = self.criterion.weight_dict
+        if "loss_ce_0" not in weights:  # no deep supervision: skip matching the aux layers
+            outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
+        losses, indices = self.criterion(outputs, targets, pixel_valid=pixel_valid)
         return {k: v * weights[k] for k, v in losses.items() if k in weights}, indices
 
     def forward(self, batched_inputs: List[Dict]):
