@@ -32,7 +32,8 @@ def main():
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--pixels-per-image", type=int, default=1024)
     p.add_argument("--memory", type=int, default=100000)
-    p.add_argument("--chunks", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--chunks", type=int, nargs="+", default=[0, 4096, 16384, 65536],
+                   help="pixels per chunk; 0: automatic (from device and queries)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default="benchmarks/results/cross_image_scale.json")
     args = p.parse_args()
@@ -66,7 +67,7 @@ def main():
 
         seconds = timed(run, args.device)
         rows.append({"chunk": chunk, "seconds": seconds, "peak_mb": peak_mb(args.device)})
-        print(f"| {chunk} | {seconds:.2f} | {rows[-1]['peak_mb']:.0f} |")
+        print(f"| {chunk or 'auto'} | {seconds:.2f} | {rows[-1]['peak_mb']:.0f} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"machine": machine(), "args": vars(args), "queries": r, "pixels": n,

@@ -31,13 +31,16 @@ def make_problem(seed=0, r=12, n=23, c=8, dtype=torch.float64):
     return queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 23, 100])
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 0.0)])
-def test_chunked_loss_equals_dense(chunk, alpha, gamma):
+@pytest.mark.parametrize("chunk", [0, 1, 7, 23, 100])
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 0.0), (0.4, 1.5)])
+@pytest.mark.parametrize("stuff", [True, False])
+def test_chunked_loss_equals_dense(chunk, alpha, gamma, stuff):
     queries, pixels, qid, pid, qcls, pcls = make_problem()
-    # The problem must hold both positive (stuff) and negative targets on kept pairs.
-    kept_targets = ((qcls[:, None] == pcls[None]) & (qcls[:, None] >= 0))[qid[:, None] != pid]
-    assert kept_targets.any() and not kept_targets.all()
+    if stuff:  # positive (stuff) and negative targets on kept pairs
+        kept = ((qcls[:, None] == pcls[None]) & (qcls[:, None] >= 0))[qid[:, None] != pid]
+        assert kept.any() and not kept.all()
+    else:  # thing queries only: the all-zero target path
+        qcls = torch.full_like(qcls, -1)
 
     q1 = queries.clone().requires_grad_()
     loss = external_focal_loss(q1, pixels, qid, pid, qcls, pcls, alpha, gamma, chunk=chunk)

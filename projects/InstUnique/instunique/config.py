@@ -27,7 +27,8 @@ def add_instunique_config(cfg):
     # other images of the mini-batch are external ("mini-batch (w/o memory)" in Table S4).
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS = 100000
     # External pixels scored per chunk: bounds the (queries x pixels) logits held at once.
-    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.CHUNK_PIXELS = 16384
+    # 0: chosen from the device and the number of queries (cache-sized on the CPU).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.CHUNK_PIXELS = 0
 
     # Transformation equivariance, paper Eq. 8.
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE = CN()

@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Accuracy of InstUnique vs its baseline on the built-in shapes data, several seeds each.
+
+Every arm is a full ``train_net.py`` run (training, then COCO mask evaluation on
+``shapes_val``); arms see the same images: 4 pairs = 8 views per iteration, same schedule.
+Runs already finished are read back, so an interrupted study resumes where it stopped.
+
+    python benchmarks/accuracy_study.py --study main --seeds 0 1 2
+    python benchmarks/accuracy_study.py --study transforms --seeds 0 --opts SOLVER.MAX_ITER 900
+    python benchmarks/accuracy_study.py --study memory --seeds 0 --opts SOLVER.MAX_ITER 900
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from common import ROOT, machine
+
+BASELINE = "configs/shapes/paired_views_mask2former_shapes.yaml"
+INSTUNIQUE = "configs/shapes/instunique_mask2former_shapes.yaml"
+CROSS_OFF = ["MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", "False"]
+EQUI = "MODEL.INST_UNIQUE.EQUIVARIANCE.TRANSFORMS"
+MEMORY = "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS"
+
+# name -> list of (arm, config, extra opts)
+STUDIES = {
+    "main": [
+        ("baseline (paired views)", BASELINE, []),
+        ("InstUnique", INSTUNIQUE, []),
+    ],
+    # Table S3 in miniature: equivariance only, growing transform family.
+    "transforms": [
+        ("baseline (paired views)", BASELINE, []),
+        ("flip+crop", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop']"]),
+        ("+rotation", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop','rotation']"]),
+        ("+scaling", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop','scaling']"]),
+        ("all", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop','rotation','scaling']"]),
+    ],
+    # Table S4 in miniature: both terms, memory capacity in pixels.
+    "memory": [
+        ("mini-batch (no memory)", INSTUNIQUE, [MEMORY, "0"]),
+        ("10k", INSTUNIQUE, [MEMORY, "10000"]),
+        ("50k", INSTUNIQUE, [MEMORY, "50000"]),
+        ("100k", INSTUNIQUE, [MEMORY, "100000"]),
+    ],
+}
+METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+
+
+def slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
+
+
+def read_run(out_dir):
+    """Final mask AP and the mean of every loss over the last 10% of iterations, or None."""
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    final = [r for r in records if "segm/AP" in r]
+    if not final:
+        return None
+    train = [r for r in records if "total_loss" in r]
+    tail = train[-max(1, len(train) // 10):]
+    losses = {
+        k: statistics.mean(r[k] for r in tail if k in r)
+        for k in sorted({k for r in tail for k in r})
+        if k.startswith("loss_") and not k[-1].isdigit()
+    }
+    return {
+        "metrics": {m: final[-1][f"segm/{m}"] for m in METRICS},
+        "iterations": final[-1]["iteration"] + 1,
+        "final_losses": losses,
+    }
+
+
+def run_arm(config, opts, seed, out_dir, threads):
+    result = read_run(out_dir)
+    if result is not None:
+        return result
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", config,
+           "SEED", str(seed), "OUTPUT_DIR", out_dir, *opts]
+    start = time.perf_counter()
+    with open(os.path.join(out_dir, "stdout.log"), "w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({proc.returncode}); see {out_dir}/stdout.log")
+    result = read_run(out_dir)
+    if result is None:
+        raise RuntimeError(f"no segm/AP in {out_dir}/metrics.json")
+    with open(os.path.join(out_dir, "wall_minutes.txt"), "w") as f:
+        f.write(f"{(time.perf_counter() - start) / 60:.2f}\n")
+    return result
+
+
+def mean_std(values):
+    mean = statistics.mean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--study", choices=sorted(STUDIES), default="main")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per run")
+    p.add_argument("--root", default="benchmarks/results/accuracy")
+    p.add_argument("--opts", nargs="*", default=[], help="config overrides for every arm")
+    args = p.parse_args()
+
+    suffix = "" if not args.opts else "_" + slug("_".join(args.opts[1::2]))
+    study_dir = os.path.join(os.path.abspath(args.root), args.study + suffix)
+    # Seeds vary fastest so that partial results already cover every arm.
+    jobs = [(arm, config, opts, seed) for seed in args.seeds
+            for arm, config, opts in STUDIES[args.study]]
+
+    def work(job):
+        arm, config, opts, seed = job
+        out_dir = os.path.join(study_dir, slug(arm), f"seed{seed}")
+        return arm, seed, run_arm(config, [*opts, *args.opts], seed, out_dir, args.threads)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(work, jobs))
+
+    rows = []
+    print(f"\n{args.study} study, overrides {args.opts or 'none'}; seeds {args.seeds}\n")
+    print("| arm | seeds | " + " | ".join(METRICS) + " |")
+    print("|---|---|" + "---|" * len(METRICS))
+    for arm, _, _ in STUDIES[args.study]:
+        runs = [r for a, _, r in results if a == arm]
+        stats = {m: mean_std([r["metrics"][m] for r in runs]) for m in METRICS}
+        losses = {k: statistics.mean(r["final_losses"].get(k, 0.0) for r in runs)
+                  for k in runs[0]["final_losses"]}
+        rows.append({"arm": arm, "runs": runs, "mean_std": stats, "final_losses": losses})
+        cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in stats.values())
+        print(f"| {arm} | {len(runs)} | {cells} |")
+    print("\nmean of each loss over the last 10% of iterations:")
+    for row in rows:
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in row["final_losses"].items())
+        print(f"  {row['arm']}: {losses}")
+
+    out = os.path.join(study_dir + ".json")
+    with open(out, "w") as f:
+        json.dump({"study": args.study, "overrides": args.opts, "seeds": args.seeds,
+                   "machine": machine(), "rows": rows}, f, indent=1)
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
