@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: configs, a fixed batch, timing."""
 import os
+import resource
 import sys
 import time
 
@@ -7,6 +8,8 @@ import numpy as np
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
 
 from instunique import add_instunique_config
 from instunique.data import PairedViewMapper
@@ -56,3 +59,68 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), {gpu}, python {sys.version.split()[0]}")
+
+
+def build_step(config, device, pairs, cross, memory, equi, opts=()):
+    """One optimizer step of an InstUnique model (terms switched by ``cross``/``equi``) on a
+    fixed batch of ``pairs`` paired views, as a closure. A non-empty memory starts full:
+    the cost measured is the steady state."""
+    cfg = load_config(config, [
+        "MODEL.DEVICE", device,
+        "MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", cross,
+        "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", memory,
+        "MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", equi,
+        *opts,
+    ])
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    if model.memory is not None:
+        m = model.memory
+        m.enqueue(torch.randn(m.capacity, m.feats.shape[1], device=m.feats.device),
+                  torch.randint(-1, 4, (m.capacity,), device=m.feats.device),
+                  torch.full((m.capacity,), -7, device=m.feats.device))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = paired_batch(cfg, pairs)
+
+    def step():
+        with EventStorage():
+            losses = model(batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def peak_memory_mb(queue, config, device, pairs, cross, memory, equi, opts, steps):
+    """Put on ``queue`` the peak memory of training steps alone (run it in a fresh child
+    process): max allocated on CUDA, peak RSS on the CPU. Model building and the first
+    step (lazy allocations, imports) are excluded."""
+    step = build_step(config, device, pairs, cross, memory, equi, opts)
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    exact = reset_peak_rss()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        queue.put(torch.cuda.max_memory_allocated() / 2**20)
+    elif exact:
+        queue.put(peak_rss_mb())
+    else:
+        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -15,14 +15,13 @@ import torch
 
 from instunique.objectives import external_focal_loss
 
-from common import machine, timed
+from common import machine, peak_rss_mb, reset_peak_rss, timed
 
 
 def peak_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    return peak_rss_mb()
 
 
 def main():
@@ -57,8 +56,7 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            reset_peak_rss()
         q = queries.clone().requires_grad_()
 
         def run(q=q, chunk=chunk):

@@ -14,85 +14,22 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 
 import torch
-from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
-from common import load_config, machine, paired_batch, timed
+from common import build_step, machine, peak_memory_mb, timed
 
+# name -> (cross-image on, memory pixels, equivariance on)
 VARIANTS = {
-    "baseline (paired views)": {"CROSS": False, "MEMORY": 0, "EQUI": False},
-    "+ cross-image, memory 0": {"CROSS": True, "MEMORY": 0, "EQUI": False},
-    "+ cross-image, memory 10k": {"CROSS": True, "MEMORY": 10000, "EQUI": False},
-    "+ cross-image, memory 50k": {"CROSS": True, "MEMORY": 50000, "EQUI": False},
-    "+ cross-image, memory 100k": {"CROSS": True, "MEMORY": 100000, "EQUI": False},
-    "+ equivariance": {"CROSS": False, "MEMORY": 0, "EQUI": True},
-    "all (memory 100k)": {"CROSS": True, "MEMORY": 100000, "EQUI": True},
+    "baseline (paired views)": (False, 0, False),
+    "+ cross-image, memory 0": (True, 0, False),
+    "+ cross-image, memory 10k": (True, 10000, False),
+    "+ cross-image, memory 50k": (True, 50000, False),
+    "+ cross-image, memory 100k": (True, 100000, False),
+    "+ equivariance": (False, 0, True),
+    "all (memory 100k)": (True, 100000, True),
 }
-
-
-def build(args, variant):
-    v = VARIANTS[variant]
-    cfg = load_config(args.config, [
-        "MODEL.DEVICE", args.device,
-        "MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", v["CROSS"],
-        "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", v["MEMORY"],
-        "MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", v["EQUI"],
-        *args.opts,
-    ])
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    if model.memory is not None:  # steady state: a full queue
-        m = model.memory
-        m.enqueue(torch.randn(m.capacity, m.feats.shape[1]),
-                  torch.randint(-1, 4, (m.capacity,)), torch.full((m.capacity,), -7))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    batch = paired_batch(cfg, args.pairs)
-
-    def step():
-        with EventStorage():
-            losses = model(batch)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-
-    return step
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-
-
-def peak_memory_mb(args, variant, queue):
-    """Peak memory of training steps alone: the first step (lazy allocations, imports) and
-    model building are excluded."""
-    step = build(args, variant)
-    step()
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    exact = _reset_peak_rss()
-    for _ in range(args.memory_steps):
-        step()
-    if args.device.startswith("cuda"):
-        queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    elif exact:
-        queue.put(_peak_rss_mb())
-    else:
-        queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def main():
@@ -107,7 +44,8 @@ def main():
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args()
 
-    steps = {v: build(args, v) for v in VARIANTS}
+    steps = {v: build_step(args.config, args.device, args.pairs, *spec, args.opts)
+             for v, spec in VARIANTS.items()}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -121,7 +59,9 @@ def main():
     peaks = {}
     for v in VARIANTS:
         queue = ctx.Queue()
-        proc = ctx.Process(target=peak_memory_mb, args=(args, v, queue))
+        proc = ctx.Process(target=peak_memory_mb, args=(
+            queue, args.config, args.device, args.pairs, *VARIANTS[v], args.opts,
+            args.memory_steps))
         proc.start()
         peaks[v] = queue.get()
         proc.join()
