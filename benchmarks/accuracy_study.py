@@ -31,6 +31,8 @@ STUDIES = {
     "main": [
         ("baseline (paired views)", BASELINE, []),
         ("InstUnique", INSTUNIQUE, []),
+        ("InstUnique, equivariance on the views' matching", INSTUNIQUE,
+         ["MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING", "view"]),
     ],
     # Table S3 in miniature: equivariance only, growing transform family.
     "transforms": [

@@ -136,13 +136,14 @@ class FakeAdapter(SegmenterAdapter):
         return {"pred_logits": class_logits,
                 "pred_masks": torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)}
 
-    def base_losses(self, raw, targets, pixel_valid=None):
+    def base_losses(self, raw, targets, pixel_valid=None, matching=None):
         logits, masks = raw["pred_logits"], raw["pred_masks"]
         b, q, h, w = masks.shape
         if pixel_valid is None:
             pixel_valid = masks.new_ones(b, h, w)
         classes = torch.full((b, q), K, dtype=torch.long)
-        mask_losses, matching = [], []
+        given, matching = matching, []
+        mask_losses = []
         for i, t in enumerate(targets):
             gt = t["masks"][:, S // 2 :: S, S // 2 :: S][:, :h, :w].flatten(1).to(masks.dtype)
             weight = pixel_valid[i].flatten().to(masks.dtype)
@@ -151,8 +152,11 @@ class FakeAdapter(SegmenterAdapter):
             bce = ((F.softplus(-m) * weight) @ gt.T + (F.softplus(m) * weight) @ (1 - gt).T)
             bce = bce / weight.sum().clamp(min=1)
             prob = logits[i].softmax(-1)[:, t["labels"]]
-            rows, cols = linear_sum_assignment((bce - prob).detach().numpy())
-            rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+            if given is None:
+                rows, cols = linear_sum_assignment((bce - prob).detach().numpy())
+                rows, cols = torch.as_tensor(rows), torch.as_tensor(cols)
+            else:
+                rows, cols = given[i]
             matching.append((rows, cols))
             classes[i, rows] = t["labels"][cols]
             mask_losses.append(bce[rows, cols])
@@ -321,3 +325,49 @@ def test_weight_scales_every_term(weight):
     base = equi_loss(adapter, outputs, targets)
     for name in base:
         torch.testing.assert_close(scaled[name], base[name] * weight / WEIGHT)
+
+
+def _reversed(matching):
+    """The same targets, handed to other queries (reversed query order)."""
+    return [(rows.flip(0), cols) for rows, cols in matching]
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_view_matching_is_used_as_given(real):
+    adapter = Mask2FormerAdapter(CriterionOnly()) if real else FakeAdapter()
+    dtype = torch.float32 if real else torch.float64
+    outputs, targets = make_outputs(perfect=True, dtype=dtype), targets_of()
+    sizes = SIZES_X + SIZES_XP
+
+    def loss(matching, view_matching):
+        torch.manual_seed(0)  # the real criterion samples points
+        return EquivarianceLoss(weight=WEIGHT, stride=S, matching=matching)(
+            adapter, outputs, targets, WARPS, sizes, view_matching)
+
+    recompute = loss("recompute", None)
+    own = adapter.final_layer_outputs(
+        outputs.class_logits[2:], outputs.query_embeds[2:], outputs.pixel_embeds[2:])
+    _, view_matching = adapter.base_losses(own, targets[2:])
+    # The real matcher draws random points, which moves the point samples of the mask terms.
+    exact = ["loss_equi_ce"] if real else list(recompute)
+    # Where the views' matching is the one m~ gets anyway, both readings agree ...
+    same = loss("view", view_matching)
+    for name in exact:
+        torch.testing.assert_close(same[name], recompute[name], rtol=1e-6, atol=1e-9)
+    # ... and the recompute reading ignores any matching it is handed.
+    ignored = loss("recompute", _reversed(view_matching))
+    for name in exact:
+        torch.testing.assert_close(ignored[name], recompute[name], rtol=1e-6, atol=1e-9)
+    # A matching that gives each instance to another query costs mask and class terms.
+    wrong = loss("view", _reversed(view_matching))
+    assert wrong["loss_equi_ce"].item() > recompute["loss_equi_ce"].item() + 0.1
+    assert wrong["loss_equi_mask"].item() > recompute["loss_equi_mask"].item() + 0.1
+
+
+def test_view_matching_needs_the_views_matching_and_a_known_name():
+    adapter, outputs, targets = FakeAdapter(), make_outputs(seed=8), targets_of()
+    with pytest.raises(ValueError, match="base matching"):
+        EquivarianceLoss(weight=WEIGHT, stride=S, matching="view")(
+            adapter, outputs, targets, WARPS, SIZES_X + SIZES_XP)
+    with pytest.raises(ValueError, match="recompute"):
+        EquivarianceLoss(weight=WEIGHT, stride=S, matching="nearest")

@@ -108,6 +108,7 @@ def test_unknown_config_key_is_refused(tmp_path):
         ("EQUIVARIANCE.WEIGHT", "-1.0"),
         ("CROSS_IMAGE.WEIGHT", "-0.5"),
         ("CROSS_IMAGE.MEMORY_PIXELS", "-10"),
+        ("EQUIVARIANCE.MATCHING", "nearest"),
     ],
 )
 def test_out_of_range_values_fail_at_model_build_naming_the_key(key, value):

@@ -65,11 +65,13 @@ class SegmenterAdapter(ABC):
 
     @abstractmethod
     def base_losses(
-        self, raw: Dict, targets: List[Dict], pixel_valid: Optional[torch.Tensor] = None
+        self, raw: Dict, targets: List[Dict], pixel_valid: Optional[torch.Tensor] = None,
+        matching: Optional[Matching] = None,
     ) -> Tuple[Dict[str, torch.Tensor], Matching]:
         """The base segmenter's weighted losses and its final-layer query<->target matching.
 
         pixel_valid: optional (B, H_f, W_f) weights; pixels with weight 0 carry no loss.
+        matching: a final-layer matching to use instead of the base matcher's.
         """
 
     @abstractmethod

@@ -35,6 +35,10 @@ def add_instunique_config(cfg):
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED = True
     # lambda of Alg. 1: weight of the equivariance loss.
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT = 3.0
+    # Query<->target matching of the equivariance criterion: "recompute" (the base
+    # criterion's matcher on m~ = e'.T(F), Alg. 1 literally) or "view" (the matching x'
+    # got in its own base loss, so both losses agree on which query is which instance).
+    cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING = "recompute"
     # Transform family T (supp. S1, Table S3): any of "flip", "crop", "rotation", "scaling".
     # The main experiments use flip + crop.
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.TRANSFORMS = ["flip", "crop"]

@@ -76,7 +76,13 @@ class InstUnique(nn.Module):
         # Built even when the term is off: the paired-view mapper reads the same keys.
         build_transform_family(cfg)
         if iu.EQUIVARIANCE.ENABLED:
-            eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=adapter.pixel_stride)
+            if iu.EQUIVARIANCE.MATCHING not in EquivarianceLoss.MATCHINGS:
+                raise ValueError(
+                    f"MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING must be one of "
+                    f"{EquivarianceLoss.MATCHINGS}, got {iu.EQUIVARIANCE.MATCHING!r}"
+                )
+            eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=adapter.pixel_stride,
+                                  matching=iu.EQUIVARIANCE.MATCHING)
         return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory}
 
     @property
@@ -118,9 +124,9 @@ class InstUnique(nn.Module):
 
         if self.equivariance is not None:
             warps = [x["warp"] for x in batched_inputs]
-            losses.update(
-                self.equivariance(self.adapter, outputs, targets, warps, images.image_sizes)
-            )
+            losses.update(self.equivariance(
+                self.adapter, outputs, targets, warps, images.image_sizes, matching[len(warps):]
+            ))
         if self.cross_image is not None:
             stride = self.adapter.pixel_stride
             valid_hw = [(-(-h // stride), -(-w // stride)) for h, w in images.image_sizes]

@@ -4,24 +4,36 @@ For a pair (x, x' = T(x)), the query embeddings e' of x' read the *warped* pixel
 embeddings of x: m~_q = e'_q . T(F_x). The base criterion (matching included) supervises
 m~, with the class logits of x', against the transformed ground truth Y'. Gradients reach
 both e' and F_x. Feature cells that T maps from outside x carry no loss.
+
+Which query answers for which target: the criterion's own matching on m~ ("recompute",
+Alg. 1 read literally), or the matching x' already got in L_base ("view"): then a query
+must find its instance in T(F_x) exactly where it found it in F_x', and the class terms
+of the two losses never disagree about which query is an object.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torch import nn
 
-from ..adapter import SegmenterAdapter, SegmenterOutputs
+from ..adapter import Matching, SegmenterAdapter, SegmenterOutputs
 from ..transforms import AffineWarp, warp_feature_batch
 
 
 class EquivarianceLoss(nn.Module):
-    def __init__(self, *, weight: float, stride: int):
+    MATCHINGS = ("recompute", "view")
+
+    def __init__(self, *, weight: float, stride: int, matching: str = "recompute"):
         super().__init__()
+        if matching not in self.MATCHINGS:
+            raise ValueError(f"equivariance matching must be one of {self.MATCHINGS}, "
+                             f"got {matching!r}")
         self.weight = weight  # lambda of Alg. 1
         self.stride = stride
+        self.matching = matching
 
     def forward(
         self, adapter: SegmenterAdapter, outputs: SegmenterOutputs, targets: List[Dict],
         warps: List[AffineWarp], image_sizes: List[Tuple[int, int]],
+        view_matching: Optional[Matching] = None,
     ) -> Dict:
         """
         Args:
@@ -29,6 +41,8 @@ class EquivarianceLoss(nn.Module):
             targets: the 2P images' targets, same order.
             warps: P transforms, warps[i] maps view i onto view P + i.
             image_sizes: the 2P unpadded image sizes (h, w).
+            view_matching: the P views x' final-layer matching from L_base (needed when
+                ``matching == "view"``).
         Returns:
             the base criterion's final-layer terms on m~, weighted, renamed ``loss_equi_*``.
         """
@@ -40,5 +54,8 @@ class EquivarianceLoss(nn.Module):
         raw = adapter.final_layer_outputs(
             outputs.class_logits[p:], outputs.query_embeds[p:], warped
         )
-        losses, _ = adapter.base_losses(raw, targets[p:], pixel_valid=valid.float())
+        if self.matching == "view" and view_matching is None:
+            raise ValueError('equivariance matching "view" needs the views\' base matching')
+        given = view_matching if self.matching == "view" else None
+        losses, _ = adapter.base_losses(raw, targets[p:], valid.float(), given)
         return {k.replace("loss_", "loss_equi_", 1): v * self.weight for k, v in losses.items()}

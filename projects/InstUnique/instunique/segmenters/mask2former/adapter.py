@@ -27,8 +27,8 @@ class Mask2FormerAdapter(SegmenterAdapter):
             raw=raw,
         )
 
-    def base_losses(self, raw, targets, pixel_valid=None):
-        return self.model.losses(raw, targets, pixel_valid=pixel_valid)
+    def base_losses(self, raw, targets, pixel_valid=None, matching=None):
+        return self.model.losses(raw, targets, pixel_valid, matching)
 
     def final_layer_outputs(self, class_logits, query_embeds, pixel_embeds):
         masks = torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)

@@ -116,6 +116,7 @@ class SetCriterion(nn.Module):
         outputs: Dict[str, object],
         targets: List[Dict[str, Tensor]],
         pixel_valid: Optional[Tensor] = None,
+        indices: Optional[List[Tuple[Tensor, Tensor]]] = None,
     ) -> Tuple[Dict[str, Tensor], List[Tuple[Tensor, Tensor]]]:
         """
         Args:
@@ -123,6 +124,7 @@ class SetCriterion(nn.Module):
                 "aux_outputs", a list of dicts with the same two keys.
             targets: B dicts with "labels" (N_b,) int64 and "masks" (N_b, Ht, Wt) in [0, 1].
             pixel_valid: optional (B, Hv, Wv) validity in [0, 1].
+            indices: the final prediction's matching to use; None: the matcher's.
 
         Returns:
             (losses, indices): unweighted losses "loss_ce", "loss_mask", "loss_dice" and,
@@ -132,7 +134,8 @@ class SetCriterion(nn.Module):
         self._check_targets(outputs["pred_logits"].shape[0], targets, pixel_valid)
         num_masks = self._num_masks(targets, outputs["pred_logits"].device)
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        indices = self.matcher(final, targets, pixel_valid)
+        if indices is None:
+            indices = self.matcher(final, targets, pixel_valid)
         losses = self._losses(final, targets, indices, num_masks, pixel_valid)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets, pixel_valid)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Do a model's queries fire on other images? The quantity Eq. 5 trains down.
+
+For every confident query of a validation image A (class score > --score), its mask
+probabilities sigmoid(e_q . F_B) on the valid pixels of the other validation images B:
+the fraction above 0.5 (false firing) and the mean of its per-image maximum. The same
+query on its own image gives the area it claims there, for scale. Several trained models
+side by side, e.g. the seeds of the accuracy study.
+
+    python benchmarks/query_uniqueness.py --weights run_a/model_final.pth run_b/model_final.pth
+"""
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+
+from instunique.adapter import SegmenterAdapter, build_adapter
+from instunique.data.datasets import prepare_dataset
+
+from common import load_config, machine
+
+
+def embeddings(model, inputs, score_thresh):
+    """Per image: confident query embeddings (n, C) and valid pixel embeddings (P, C)."""
+    adapter = getattr(model, "adapter", None)
+    if not isinstance(adapter, SegmenterAdapter):
+        adapter = build_adapter(model)
+    queries, pixels = [], []
+    with torch.no_grad():
+        for x in inputs:
+            images = adapter.preprocess([x])
+            out = adapter.forward_train(images)
+            score = out.class_logits[0].float().softmax(-1)[:, :-1].max(-1).values
+            queries.append(out.query_embeds[0][score > score_thresh].float())
+            f = out.pixel_embeds[0].float()
+            stride = images.tensor.shape[-1] // f.shape[-1]
+            h, w = (-(-s // stride) for s in images.image_sizes[0])
+            pixels.append(f[:, :h, :w].flatten(1).t())
+    return queries, pixels
+
+
+def uniqueness(queries, pixels):
+    fire, peak, own_area = [], [], []
+    for a, qa in enumerate(queries):
+        if len(qa) == 0:
+            continue
+        own_area.append((qa @ pixels[a].t()).sigmoid().gt(0.5).float().mean(1))
+        for b, fb in enumerate(pixels):
+            if b != a:
+                p = (qa @ fb.t()).sigmoid()
+                fire.append(p.gt(0.5).float().mean(1))
+                peak.append(p.max(1).values)
+    cat = lambda xs: torch.cat(xs).mean().item() if xs else float("nan")  # noqa: E731
+    return {"queries": sum(len(q) for q in queries), "external_fire": cat(fire),
+            "external_max_prob": cat(peak), "own_area": cat(own_area)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/shapes/instunique_mask2former_shapes.yaml")
+    p.add_argument("--weights", nargs="+", required=True)
+    p.add_argument("--labels", nargs="+", help="one per weights file (default: its folder)")
+    p.add_argument("--images", type=int, default=40)
+    p.add_argument("--score", type=float, default=0.5)
+    p.add_argument("--output", default="benchmarks/results/query_uniqueness.json")
+    args = p.parse_args()
+    labels = args.labels or [os.path.basename(os.path.dirname(w)) or w for w in args.weights]
+    if len(labels) != len(args.weights):
+        raise SystemExit(f"--labels: {len(labels)} labels for {len(args.weights)} weights")
+
+    cfg = load_config(args.config, ["MODEL.DEVICE", "cpu"])
+    name = cfg.DATASETS.TEST[0]
+    prepare_dataset(name)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    inputs = []
+    for d in DatasetCatalog.get(name)[: args.images]:
+        image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+        image = resize.get_transform(image).apply_image(image)
+        inputs.append({"image": torch.as_tensor(image.transpose(2, 0, 1).copy())})
+
+    rows = []
+    for label, weights in zip(labels, args.weights):
+        model = build_model(cfg).eval()
+        DetectionCheckpointer(model).load(weights)
+        rows.append({"model": label, "weights": weights,
+                     **uniqueness(*embeddings(model, inputs, args.score))})
+
+    print(f"\nQuery uniqueness on {len(inputs)} images of {name}, queries with score > "
+          f"{args.score}\nmachine: {machine()}\n")
+    print("| model | confident queries | external pixels > 0.5 | mean max external prob | "
+          "own-image area > 0.5 |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['queries']} | {r['external_fire']:.4%} | "
+              f"{r['external_max_prob']:.3f} | {r['own_area']:.3%} |")
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["model"].rsplit("/", 1)[0], []).append(r)
+    if any(len(g) > 1 for g in groups.values()):
+        print("\nmean over runs of one label prefix (text before the last '/'):")
+        for k, g in groups.items():
+            fire = statistics.mean(r["external_fire"] for r in g)
+            peak = statistics.mean(r["external_max_prob"] for r in g)
+            print(f"  {k}: external pixels > 0.5 {fire:.4%}, mean max external prob {peak:.3f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
