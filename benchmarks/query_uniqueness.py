@@ -4,8 +4,9 @@
 For every confident query of a validation image A (class score > --score), its mask
 probabilities sigmoid(e_q . F_B) on the valid pixels of the other validation images B:
 the fraction above 0.5 (false firing) and the mean of its per-image maximum. The same
-query on its own image gives the area it claims there, for scale. Several trained models
-side by side, e.g. the seeds of the accuracy study.
+query on its own image gives the area it claims there, for scale, and duplicates: confident
+queries whose mask (logit > 0) overlaps that of a more confident query of the same image
+with IoU > 0.5. Several trained models side by side, e.g. the seeds of the accuracy study.
 
     python benchmarks/query_uniqueness.py --weights run_a/model_final.pth run_b/model_final.pth
 """
@@ -28,7 +29,8 @@ from common import load_config, machine
 
 
 def embeddings(model, inputs, score_thresh):
-    """Per image: confident query embeddings (n, C) and valid pixel embeddings (P, C)."""
+    """Per image: confident query embeddings (n, C) sorted by falling class score, and valid
+    pixel embeddings (P, C)."""
     adapter = getattr(model, "adapter", None)
     if not isinstance(adapter, SegmenterAdapter):
         adapter = build_adapter(model)
@@ -38,7 +40,9 @@ def embeddings(model, inputs, score_thresh):
             images = adapter.preprocess([x])
             out = adapter.forward_train(images)
             score = out.class_logits[0].float().softmax(-1)[:, :-1].max(-1).values
-            queries.append(out.query_embeds[0][score > score_thresh].float())
+            order = score.argsort(descending=True)
+            keep = order[score[order] > score_thresh]
+            queries.append(out.query_embeds[0][keep].float())
             f = out.pixel_embeds[0].float()
             stride = images.tensor.shape[-1] // f.shape[-1]
             h, w = (-(-s // stride) for s in images.image_sizes[0])
@@ -47,19 +51,24 @@ def embeddings(model, inputs, score_thresh):
 
 
 def uniqueness(queries, pixels):
-    fire, peak, own_area = [], [], []
+    fire, peak, own_area, duplicates = [], [], [], 0
     for a, qa in enumerate(queries):
         if len(qa) == 0:
             continue
-        own_area.append((qa @ pixels[a].t()).sigmoid().gt(0.5).float().mean(1))
+        masks = (qa @ pixels[a].t()).gt(0).float()  # (n, P), most confident first
+        own_area.append(masks.mean(1))
+        inter = masks @ masks.t()
+        iou = inter / (masks.sum(1)[:, None] + masks.sum(1)[None] - inter).clamp(min=1)
+        duplicates += int(iou.tril(-1).gt(0.5).any(1).sum())
         for b, fb in enumerate(pixels):
             if b != a:
                 p = (qa @ fb.t()).sigmoid()
                 fire.append(p.gt(0.5).float().mean(1))
                 peak.append(p.max(1).values)
     cat = lambda xs: torch.cat(xs).mean().item() if xs else float("nan")  # noqa: E731
-    return {"queries": sum(len(q) for q in queries), "external_fire": cat(fire),
-            "external_max_prob": cat(peak), "own_area": cat(own_area)}
+    return {"queries": sum(len(q) for q in queries), "duplicates": duplicates,
+            "external_fire": cat(fire), "external_max_prob": cat(peak),
+            "own_area": cat(own_area)}
 
 
 def main():
@@ -94,10 +103,10 @@ def main():
 
     print(f"\nQuery uniqueness on {len(inputs)} images of {name}, queries with score > "
           f"{args.score}\nmachine: {machine()}\n")
-    print("| model | confident queries | external pixels > 0.5 | mean max external prob | "
-          "own-image area > 0.5 |\n|---|---|---|---|---|")
+    print("| model | confident queries | duplicates | external pixels > 0.5 | "
+          "mean max external prob | own-image area > 0.5 |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['queries']} | {r['external_fire']:.4%} | "
+        print(f"| {r['model']} | {r['queries']} | {r['duplicates']} | {r['external_fire']:.4%} | "
               f"{r['external_max_prob']:.3f} | {r['own_area']:.3%} |")
     groups = {}
     for r in rows:
@@ -105,9 +114,11 @@ def main():
     if any(len(g) > 1 for g in groups.values()):
         print("\nmean over runs of one label prefix (text before the last '/'):")
         for k, g in groups.items():
-            fire = statistics.mean(r["external_fire"] for r in g)
-            peak = statistics.mean(r["external_max_prob"] for r in g)
-            print(f"  {k}: external pixels > 0.5 {fire:.4%}, mean max external prob {peak:.3f}")
+            m = {key: statistics.mean(r[key] for r in g) for key in
+                 ("queries", "duplicates", "external_fire", "external_max_prob", "own_area")}
+            print(f"  {k}: confident queries {m['queries']:.1f}, duplicates "
+                  f"{m['duplicates']:.1f}, external pixels > 0.5 {m['external_fire']:.4%}, "
+                  f"mean max external prob {m['external_max_prob']:.3f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=1)
