@@ -11,6 +11,7 @@ Runs already finished are read back, so an interrupted study resumes where it st
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -103,14 +104,16 @@ def run_arm(config, opts, seed, out_dir, threads):
 
 
 def mean_std(values):
-    mean = statistics.mean(values)
-    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+    if any(math.isnan(v) for v in values):  # e.g. APl where no instance is large
+        return math.nan, math.nan
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--study", choices=sorted(STUDIES), default="main")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--arms", nargs="+", help="only these arms (names as in the table)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per run")
     p.add_argument("--root", default="benchmarks/results/accuracy")
@@ -119,9 +122,13 @@ def main():
 
     suffix = "" if not args.opts else "_" + slug("_".join(args.opts[1::2]))
     study_dir = os.path.join(os.path.abspath(args.root), args.study + suffix)
-    # Seeds vary fastest so that partial results already cover every arm.
-    jobs = [(arm, config, opts, seed) for seed in args.seeds
-            for arm, config, opts in STUDIES[args.study]]
+    arms = [a for a in STUDIES[args.study] if not args.arms or a[0] in args.arms]
+    unknown = set(args.arms or ()) - {a[0] for a in arms}
+    if unknown:
+        p.error(f"--arms: {sorted(unknown)} not in study {args.study!r}: "
+                f"{[a[0] for a in STUDIES[args.study]]}")
+    # Arms vary fastest so that partial results already cover every arm.
+    jobs = [(arm, config, opts, seed) for seed in args.seeds for arm, config, opts in arms]
 
     def work(job):
         arm, config, opts, seed = job
@@ -135,13 +142,14 @@ def main():
     print(f"\n{args.study} study, overrides {args.opts or 'none'}; seeds {args.seeds}\n")
     print("| arm | seeds | " + " | ".join(METRICS) + " |")
     print("|---|---|" + "---|" * len(METRICS))
-    for arm, _, _ in STUDIES[args.study]:
+    for arm, _, _ in arms:
         runs = [r for a, _, r in results if a == arm]
         stats = {m: mean_std([r["metrics"][m] for r in runs]) for m in METRICS}
         losses = {k: statistics.mean(r["final_losses"].get(k, 0.0) for r in runs)
                   for k in runs[0]["final_losses"]}
         rows.append({"arm": arm, "runs": runs, "mean_std": stats, "final_losses": losses})
-        cells = " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in stats.values())
+        cells = " | ".join("n/a" if math.isnan(m) else f"{m:.1f} ± {s:.1f}"
+                           for m, s in stats.values())
         print(f"| {arm} | {len(runs)} | {cells} |")
     print("\nmean of each loss over the last 10% of iterations:")
     for row in rows:

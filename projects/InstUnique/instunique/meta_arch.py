@@ -76,11 +76,6 @@ class InstUnique(nn.Module):
         # Built even when the term is off: the paired-view mapper reads the same keys.
         build_transform_family(cfg)
         if iu.EQUIVARIANCE.ENABLED:
-            if iu.EQUIVARIANCE.MATCHING not in EquivarianceLoss.MATCHINGS:
-                raise ValueError(
-                    f"MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING must be one of "
-                    f"{EquivarianceLoss.MATCHINGS}, got {iu.EQUIVARIANCE.MATCHING!r}"
-                )
             eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=adapter.pixel_stride,
                                   matching=iu.EQUIVARIANCE.MATCHING)
         return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory}

@@ -24,8 +24,8 @@ class EquivarianceLoss(nn.Module):
     def __init__(self, *, weight: float, stride: int, matching: str = "recompute"):
         super().__init__()
         if matching not in self.MATCHINGS:
-            raise ValueError(f"equivariance matching must be one of {self.MATCHINGS}, "
-                             f"got {matching!r}")
+            raise ValueError(f"equivariance matching (MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING) "
+                             f"must be one of {self.MATCHINGS}, got {matching!r}")
         self.weight = weight  # lambda of Alg. 1
         self.stride = stride
         self.matching = matching
