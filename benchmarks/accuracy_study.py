@@ -32,6 +32,7 @@ STUDIES = {
     "main": [
         ("baseline (paired views)", BASELINE, []),
         ("InstUnique", INSTUNIQUE, []),
+        ("cross-image only", INSTUNIQUE, ["MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", "False"]),
         ("InstUnique, equivariance on the views' matching", INSTUNIQUE,
          ["MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING", "view"]),
     ],
