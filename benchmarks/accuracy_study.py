@@ -149,8 +149,8 @@ def main():
         losses = {k: statistics.mean(r["final_losses"].get(k, 0.0) for r in runs)
                   for k in runs[0]["final_losses"]}
         rows.append({"arm": arm, "runs": runs, "mean_std": stats, "final_losses": losses})
-        cells = " | ".join("n/a" if math.isnan(m) else f"{m:.1f} ± {s:.1f}"
-                           for m, s in stats.values())
+        cells = " | ".join("n/a" if math.isnan(m) else f"{m:.1f}" if len(runs) == 1
+                           else f"{m:.1f} ± {s:.1f}" for m, s in stats.values())
         print(f"| {arm} | {len(runs)} | {cells} |")
     print("\nmean of each loss over the last 10% of iterations:")
     for row in rows:

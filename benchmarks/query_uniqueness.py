@@ -75,15 +75,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="configs/shapes/instunique_mask2former_shapes.yaml")
     p.add_argument("--weights", nargs="+", required=True)
-    p.add_argument("--labels", nargs="+", help="one per weights file (default: its folder)")
+    p.add_argument("--labels", nargs="+", help="one per weights file")
     p.add_argument("--images", type=int, default=40)
     p.add_argument("--score", type=float, default=0.5)
     p.add_argument("--output", default="benchmarks/results/query_uniqueness.json")
     args = p.parse_args()
-    labels = args.labels or [os.path.basename(os.path.dirname(w)) or w for w in args.weights]
+    # Default label: the checkpoint's last two folders, e.g. "instunique/seed0".
+    labels = args.labels or ["/".join(os.path.dirname(os.path.abspath(w)).split(os.sep)[-2:])
+                             for w in args.weights]
     if len(labels) != len(args.weights):
         raise SystemExit(f"--labels: {len(labels)} labels for {len(args.weights)} weights")
 
+    missing = [w for w in args.weights if not os.path.isfile(w)]
+    if missing:
+        raise SystemExit(f"--weights: no such checkpoint: {', '.join(missing)}")
     cfg = load_config(args.config, ["MODEL.DEVICE", "cpu"])
     name = cfg.DATASETS.TEST[0]
     prepare_dataset(name)
