@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -24,6 +26,21 @@ def load_config(path: str, opts=()):
     cfg.merge_from_file(path if os.path.isabs(path) else os.path.join(ROOT, path))
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def test_inputs(cfg, count: int):
+    """Model inputs of the first ``count`` images of the config's first test set, resized
+    as at test time, with their "height"/"width"."""
+    name = cfg.DATASETS.TEST[0]
+    prepare_dataset(name)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    inputs = []
+    for d in DatasetCatalog.get(name)[:count]:
+        image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
+        image = resize.get_transform(image).apply_image(image)
+        inputs.append({"image": torch.as_tensor(image.transpose(2, 0, 1).copy()),
+                       "height": d["height"], "width": d["width"]})
+    return inputs
 
 
 def paired_batch(cfg, num_pairs: int, seed: int = 0):

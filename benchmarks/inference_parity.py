@@ -13,14 +13,9 @@ import statistics
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
-from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from instunique.data.datasets import prepare_dataset
-
-from common import load_config, machine, timed
+from common import load_config, machine, test_inputs, timed
 
 
 def main():
@@ -44,14 +39,7 @@ def main():
     base.load_state_dict(model.state_dict(), strict=False)
 
     name = cfg.DATASETS.TEST[0]
-    prepare_dataset(name)
-    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    inputs = []
-    for d in DatasetCatalog.get(name)[: args.images]:
-        image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
-        image = resize.get_transform(image).apply_image(image)
-        inputs.append({"image": torch.as_tensor(image.transpose(2, 0, 1).copy()),
-                       "height": d["height"], "width": d["width"]})
+    inputs = test_inputs(cfg, args.images)
 
     identical = True
     times = {"InstUnique": [], "base": []}

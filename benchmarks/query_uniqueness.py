@@ -17,15 +17,11 @@ import statistics
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
-from detectron2.data import detection_utils as utils
-from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from instunique.adapter import SegmenterAdapter, build_adapter
-from instunique.data.datasets import prepare_dataset
 
-from common import load_config, machine
+from common import load_config, machine, test_inputs
 
 
 def embeddings(model, inputs, score_thresh):
@@ -91,13 +87,7 @@ def main():
         raise SystemExit(f"--weights: no such checkpoint: {', '.join(missing)}")
     cfg = load_config(args.config, ["MODEL.DEVICE", "cpu"])
     name = cfg.DATASETS.TEST[0]
-    prepare_dataset(name)
-    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    inputs = []
-    for d in DatasetCatalog.get(name)[: args.images]:
-        image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
-        image = resize.get_transform(image).apply_image(image)
-        inputs.append({"image": torch.as_tensor(image.transpose(2, 0, 1).copy())})
+    inputs = test_inputs(cfg, args.images)
 
     rows = []
     for label, weights in zip(labels, args.weights):
