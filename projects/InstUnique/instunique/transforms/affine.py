@@ -414,9 +414,11 @@ def warp_feature_batch(
     ys = torch.arange(ho, dtype=cdtype, device=dev) + 0.5
     xs = torch.arange(wo, dtype=cdtype, device=dev) + 0.5
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")  # feature coords of x' cell centres
-    cells = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # (Ho, Wo, 3)
-    src = torch.einsum("bij,hwj->bhwi", mats_t, cells)  # (B, Ho, Wo, 2) image coords of x
-    sx, sy = src[..., 0], src[..., 1]
+    # Elementwise rather than a batched matmul: an image's sample points must not depend on
+    # which other images share its batch (matmul kernels round differently by batch size).
+    m = mats_t[:, :, :, None, None]  # (B, 2, 3, 1, 1)
+    sx = m[:, 0, 0] * gx + m[:, 0, 1] * gy + m[:, 0, 2]  # (B, Ho, Wo) image coords of x
+    sy = m[:, 1, 0] * gx + m[:, 1, 1] * gy + m[:, 1, 2]
 
     valid = (sx >= 0) & (sx < lim[:, 0]) & (sy >= 0) & (sy < lim[:, 1])
     valid &= (gx * s < lim[:, 2]) & (gy * s < lim[:, 3])
