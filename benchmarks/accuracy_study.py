@@ -33,8 +33,12 @@ STUDIES = {
         ("baseline (paired views)", BASELINE, []),
         ("InstUnique", INSTUNIQUE, []),
         ("cross-image only", INSTUNIQUE, ["MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", "False"]),
+        ("equivariance only", INSTUNIQUE, CROSS_OFF),
         ("InstUnique, equivariance on the views' matching", INSTUNIQUE,
          ["MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING", "view"]),
+        ("InstUnique, L_equi without class term", INSTUNIQUE,
+         ["MODEL.INST_UNIQUE.EQUIVARIANCE.CLASS_TERM", "False"]),
+        ("InstUnique, lambda 1", INSTUNIQUE, ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "1.0"]),
     ],
     # Table S3 in miniature: equivariance only, growing transform family.
     "transforms": [

@@ -136,7 +136,7 @@ class FakeAdapter(SegmenterAdapter):
         return {"pred_logits": class_logits,
                 "pred_masks": torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)}
 
-    def base_losses(self, raw, targets, pixel_valid=None, matching=None):
+    def base_losses(self, raw, targets, pixel_valid=None, matching=None, mask_only=False):
         logits, masks = raw["pred_logits"], raw["pred_masks"]
         b, q, h, w = masks.shape
         if pixel_valid is None:
@@ -163,7 +163,10 @@ class FakeAdapter(SegmenterAdapter):
         num_masks = max(sum(len(t["labels"]) for t in targets), 1)
         loss_ce = F.cross_entropy(logits.transpose(1, 2), classes)
         loss_mask = torch.cat(mask_losses).sum() / num_masks + 0.0 * masks.sum()
-        return {"loss_ce": 2.0 * loss_ce, "loss_mask": 5.0 * loss_mask}, matching
+        losses = {"loss_ce": 2.0 * loss_ce, "loss_mask": 5.0 * loss_mask}
+        if mask_only:
+            del losses["loss_ce"]
+        return losses, matching
 
 
 def equi_loss(adapter, outputs, targets):
@@ -362,6 +365,30 @@ def test_view_matching_is_used_as_given(real):
     wrong = loss("view", _reversed(view_matching))
     assert wrong["loss_equi_ce"].item() > recompute["loss_equi_ce"].item() + 0.1
     assert wrong["loss_equi_mask"].item() > recompute["loss_equi_mask"].item() + 0.1
+
+
+@pytest.mark.parametrize("real", [False, True])
+def test_without_class_term_only_the_mask_terms_remain(real):
+    adapter = Mask2FormerAdapter(CriterionOnly()) if real else FakeAdapter()
+    dtype = torch.float32 if real else torch.float64
+    targets = targets_of()
+
+    def loss(class_term):
+        outputs = make_outputs(seed=9, dtype=dtype)
+        torch.manual_seed(0)  # the real criterion samples points
+        out = EquivarianceLoss(weight=WEIGHT, stride=S, class_term=class_term)(
+            adapter, outputs, targets, WARPS, SIZES_X + SIZES_XP)
+        sum(out.values()).backward()
+        return out, outputs.class_logits.grad
+
+    full, full_grad = loss(True)
+    masks, masks_grad = loss(False)
+    assert set(full) - set(masks) == {"loss_equi_ce"}
+    for name in masks:
+        torch.testing.assert_close(masks[name], full[name])
+    assert full_grad[2:].abs().sum() > 0
+    # Matchers read class scores without gradient: nothing reaches the class logits.
+    assert masks_grad is None or masks_grad.abs().sum() == 0
 
 
 def test_view_matching_needs_the_views_matching_and_a_known_name():

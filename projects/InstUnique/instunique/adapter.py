@@ -66,12 +66,14 @@ class SegmenterAdapter(ABC):
     @abstractmethod
     def base_losses(
         self, raw: Dict, targets: List[Dict], pixel_valid: Optional[torch.Tensor] = None,
-        matching: Optional[Matching] = None,
+        matching: Optional[Matching] = None, mask_only: bool = False,
     ) -> Tuple[Dict[str, torch.Tensor], Matching]:
         """The base segmenter's weighted losses and its final-layer query<->target matching.
 
         pixel_valid: optional (B, H_f, W_f) weights; pixels with weight 0 carry no loss.
         matching: a final-layer matching to use instead of the base matcher's.
+        mask_only: only the mask terms, no classification term (the matching still
+            uses whatever the base matcher uses).
         """
 
     @abstractmethod

@@ -39,6 +39,10 @@ def add_instunique_config(cfg):
     # criterion's matcher on m~ = e'.T(F), Alg. 1 literally) or "view" (the matching x'
     # got in its own base loss, so both losses agree on which query is which instance).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING = "recompute"
+    # Whether L_equi keeps the base criterion's classification term on the class logits of
+    # x' (True, DESIGN's reading) or only its mask terms (False: Alg. 1 calls
+    # criterion(transformed_mask_pred, transformed_gt_mask), masks alone).
+    cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.CLASS_TERM = True
     # Transform family T (supp. S1, Table S3): any of "flip", "crop", "rotation", "scaling".
     # The main experiments use flip + crop.
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.TRANSFORMS = ["flip", "crop"]

@@ -77,7 +77,8 @@ class InstUnique(nn.Module):
         build_transform_family(cfg)
         if iu.EQUIVARIANCE.ENABLED:
             eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=adapter.pixel_stride,
-                                  matching=iu.EQUIVARIANCE.MATCHING)
+                                  matching=iu.EQUIVARIANCE.MATCHING,
+                                  class_term=iu.EQUIVARIANCE.CLASS_TERM)
         return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory}
 
     @property

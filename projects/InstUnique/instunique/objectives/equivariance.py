@@ -9,6 +9,9 @@ Which query answers for which target: the criterion's own matching on m~ ("recom
 Alg. 1 read literally), or the matching x' already got in L_base ("view"): then a query
 must find its instance in T(F_x) exactly where it found it in F_x', and the class terms
 of the two losses never disagree about which query is an object.
+
+Whether the criterion's class term joins: the design reads "the base criterion with the
+class logits of x'" (yes); Alg. 1 hands the criterion only mask predictions and masks (no).
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -21,7 +24,8 @@ from ..transforms import AffineWarp, warp_feature_batch
 class EquivarianceLoss(nn.Module):
     MATCHINGS = ("recompute", "view")
 
-    def __init__(self, *, weight: float, stride: int, matching: str = "recompute"):
+    def __init__(self, *, weight: float, stride: int, matching: str = "recompute",
+                 class_term: bool = True):
         super().__init__()
         if matching not in self.MATCHINGS:
             raise ValueError(f"equivariance matching (MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING) "
@@ -29,6 +33,7 @@ class EquivarianceLoss(nn.Module):
         self.weight = weight  # lambda of Alg. 1
         self.stride = stride
         self.matching = matching
+        self.class_term = class_term
 
     def forward(
         self, adapter: SegmenterAdapter, outputs: SegmenterOutputs, targets: List[Dict],
@@ -57,5 +62,7 @@ class EquivarianceLoss(nn.Module):
         if self.matching == "view" and view_matching is None:
             raise ValueError('equivariance matching "view" needs the views\' base matching')
         given = view_matching if self.matching == "view" else None
-        losses, _ = adapter.base_losses(raw, targets[p:], valid.float(), given)
+        losses, _ = adapter.base_losses(
+            raw, targets[p:], valid.float(), given, mask_only=not self.class_term
+        )
         return {k.replace("loss_", "loss_equi_", 1): v * self.weight for k, v in losses.items()}

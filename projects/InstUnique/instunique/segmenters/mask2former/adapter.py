@@ -27,8 +27,10 @@ class Mask2FormerAdapter(SegmenterAdapter):
             raw=raw,
         )
 
-    def base_losses(self, raw, targets, pixel_valid=None, matching=None):
-        return self.model.losses(raw, targets, pixel_valid, matching)
+    def base_losses(self, raw, targets, pixel_valid=None, matching=None, mask_only=False):
+        return self.model.losses(
+            raw, targets, pixel_valid, matching, ("masks",) if mask_only else None
+        )
 
     def final_layer_outputs(self, class_logits, query_embeds, pixel_embeds):
         masks = torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)

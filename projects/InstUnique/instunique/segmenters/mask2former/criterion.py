@@ -117,6 +117,7 @@ class SetCriterion(nn.Module):
         targets: List[Dict[str, Tensor]],
         pixel_valid: Optional[Tensor] = None,
         indices: Optional[List[Tuple[Tensor, Tensor]]] = None,
+        terms: Optional[Sequence[str]] = None,
     ) -> Tuple[Dict[str, Tensor], List[Tuple[Tensor, Tensor]]]:
         """
         Args:
@@ -125,6 +126,7 @@ class SetCriterion(nn.Module):
             targets: B dicts with "labels" (N_b,) int64 and "masks" (N_b, Ht, Wt) in [0, 1].
             pixel_valid: optional (B, Hv, Wv) validity in [0, 1].
             indices: the final prediction's matching to use; None: the matcher's.
+            terms: the subset of the criterion's losses to compute; None: all of them.
 
         Returns:
             (losses, indices): unweighted losses "loss_ce", "loss_mask", "loss_dice" and,
@@ -132,22 +134,25 @@ class SetCriterion(nn.Module):
             prediction's matching, B pairs (query indices, target indices).
         """
         self._check_targets(outputs["pred_logits"].shape[0], targets, pixel_valid)
+        terms = self.losses if terms is None else [t for t in self.losses if t in terms]
         num_masks = self._num_masks(targets, outputs["pred_logits"].device)
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         if indices is None:
             indices = self.matcher(final, targets, pixel_valid)
-        losses = self._losses(final, targets, indices, num_masks, pixel_valid)
+        losses = self._losses(final, targets, indices, num_masks, pixel_valid, terms)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             aux_indices = self.matcher(aux, targets, pixel_valid)
-            aux_losses = self._losses(aux, targets, aux_indices, num_masks, pixel_valid)
+            aux_losses = self._losses(aux, targets, aux_indices, num_masks, pixel_valid, terms)
             losses.update({f"{name}_{i}": value for name, value in aux_losses.items()})
         return losses, indices
 
-    def _losses(self, outputs, targets, indices, num_masks, pixel_valid) -> Dict[str, Tensor]:
+    def _losses(
+        self, outputs, targets, indices, num_masks, pixel_valid, terms
+    ) -> Dict[str, Tensor]:
         losses = {}
-        if "labels" in self.losses:
+        if "labels" in terms:
             losses.update(self.loss_labels(outputs, targets, indices))
-        if "masks" in self.losses:
+        if "masks" in terms:
             losses.update(self.loss_masks(outputs, targets, indices, num_masks, pixel_valid))
         return losses
 

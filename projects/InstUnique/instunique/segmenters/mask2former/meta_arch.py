@@ -95,13 +95,15 @@ class Mask2Former(nn.Module):
         """Raw head outputs for a padded batch (see ``MaskFormerHead.forward``)."""
         return self.sem_seg_head(self.backbone(images.tensor))
 
-    def losses(self, outputs: Dict, targets: List[Dict], pixel_valid=None, matching=None):
+    def losses(self, outputs: Dict, targets: List[Dict], pixel_valid=None, matching=None,
+               terms=None):
         """Weighted set-criterion losses and the final layer's matching (``matching``, when
-        given, is used instead of the matcher's)."""
+        given, is used instead of the matcher's; ``terms`` restricts the criterion's losses,
+        e.g. to ``("masks",)``)."""
         weights = self.criterion.weight_dict
         if "loss_ce_0" not in weights:  # no deep supervision: skip matching the aux layers
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-        losses, indices = self.criterion(outputs, targets, pixel_valid, matching)
+        losses, indices = self.criterion(outputs, targets, pixel_valid, matching, terms)
         return {k: v * weights[k] for k, v in losses.items() if k in weights}, indices
 
     def forward(self, batched_inputs: List[Dict]):
