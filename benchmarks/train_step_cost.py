@@ -40,16 +40,20 @@ def main():
     p.add_argument("--reps", type=int, default=10, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--memory-steps", type=int, default=3)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="a subset of the variants (the baseline is always run)")
     p.add_argument("--output", default="benchmarks/results/train_step_cost.json")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args()
+    variants = {v: spec for v, spec in VARIANTS.items()
+                if v in args.variants or v == "baseline (paired views)"}
 
     steps = {v: build_step(args.config, args.device, args.pairs, *spec, args.opts)
-             for v, spec in VARIANTS.items()}
+             for v, spec in variants.items()}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
-    times = {v: [] for v in VARIANTS}
+    times = {v: [] for v in variants}
     for _ in range(args.reps):
         for v, step in steps.items():
             times[v].append(timed(step, args.device))
@@ -57,10 +61,10 @@ def main():
 
     ctx = mp.get_context("spawn")
     peaks = {}
-    for v in VARIANTS:
+    for v, spec in variants.items():
         queue = ctx.Queue()
         proc = ctx.Process(target=peak_memory_mb, args=(
-            queue, args.config, args.device, args.pairs, *VARIANTS[v], args.opts,
+            queue, args.config, args.device, args.pairs, *spec, args.opts,
             args.memory_steps))
         proc.start()
         peaks[v] = queue.get()
@@ -69,7 +73,7 @@ def main():
     base_t = statistics.median(times["baseline (paired views)"])
     base_m = peaks["baseline (paired views)"]
     rows = []
-    for v in VARIANTS:
+    for v in variants:
         ratios = sorted(t / base_t for t in times[v])
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
         rows.append({

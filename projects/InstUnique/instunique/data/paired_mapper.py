@@ -1,11 +1,11 @@
 """The paired-view mapper of InstUnique: view x and view x' = T(x) with its transform."""
 import copy
-from typing import Dict
+from typing import Callable, Dict
 
 import numpy as np
 from detectron2.config import configurable
 
-from ..transforms import TransformFamily
+from ..transforms import AffineWarp, TransformFamily
 from ..transforms.build import build_transform_family
 from .instance_mapper import InstanceViewMapper
 
@@ -37,10 +37,14 @@ class PairedViewMapper:
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
+        rng = np.random.default_rng(np.random.randint(2**31))
+        return self.pair(dataset_dict, lambda h, w: self.family.sample(h, w, rng))
+
+    def pair(self, dataset_dict: Dict, make_warp: Callable[[int, int], AffineWarp]) -> Dict:
+        """The pair of ``dataset_dict`` for the warp ``make_warp(h, w)`` of its view x."""
         dataset_dict = copy.deepcopy(dataset_dict)
         image, masks, classes = self.base.read(dataset_dict)
-        rng = np.random.default_rng(np.random.randint(2**31))
-        warp = self.family.sample(*image.shape[:2], rng)
+        warp = make_warp(*image.shape[:2])
 
         warped_image = np.stack(
             [warp.apply_image(image[..., c], fill=v) for c, v in enumerate(self.fill)], -1
