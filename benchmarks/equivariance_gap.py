@@ -19,10 +19,11 @@ from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from common import load_config, machine
 from instunique.data import PairedViewMapper
 from instunique.data.datasets import prepare_dataset
 from instunique.transforms import AffineWarp
+
+from common import load_config, machine
 
 TERMS = ("loss_mask", "loss_dice")
 
