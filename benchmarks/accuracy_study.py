@@ -22,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from common import ROOT, machine
 
 BASELINE = "configs/shapes/paired_views_mask2former_shapes.yaml"
-INSTUNIQUE = "configs/shapes/instunique_mask2former_shapes.yaml"
+INSTUNIQUE = "configs/shapes/instunique_mask2former_shapes.yaml"  # lambda = 1
 CROSS_OFF = ["MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", "False"]
+EQUI_OFF = ["MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", "False"]
+LAMBDA3 = ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "3.0"]  # the paper's (Alg. 1)
 EQUI = "MODEL.INST_UNIQUE.EQUIVARIANCE.TRANSFORMS"
 MEMORY = "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS"
 
@@ -32,28 +34,29 @@ STUDIES = {
     "main": [
         ("baseline (paired views)", BASELINE, []),
         ("InstUnique", INSTUNIQUE, []),
-        ("cross-image only", INSTUNIQUE, ["MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", "False"]),
-        ("equivariance only", INSTUNIQUE, CROSS_OFF),
-        ("InstUnique, equivariance on the views' matching", INSTUNIQUE,
-         ["MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING", "view"]),
-        ("InstUnique, L_equi without class term", INSTUNIQUE,
-         ["MODEL.INST_UNIQUE.EQUIVARIANCE.CLASS_TERM", "False"]),
-        ("InstUnique, lambda 1", INSTUNIQUE, ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "1.0"]),
+        ("InstUnique, lambda 3 (paper)", INSTUNIQUE, LAMBDA3),
+        ("cross-image only", INSTUNIQUE, EQUI_OFF),
+        ("equivariance only, lambda 3", INSTUNIQUE, CROSS_OFF + LAMBDA3),
+        ("InstUnique, lambda 3, L_equi without class term", INSTUNIQUE,
+         LAMBDA3 + ["MODEL.INST_UNIQUE.EQUIVARIANCE.CLASS_TERM", "False"]),
+        ("InstUnique, lambda 3, equivariance on the views' matching", INSTUNIQUE,
+         LAMBDA3 + ["MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING", "view"]),
     ],
     # Table S3 in miniature: equivariance only, growing transform family.
     "transforms": [
         ("baseline (paired views)", BASELINE, []),
-        ("flip+crop", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop']"]),
-        ("+rotation", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop','rotation']"]),
-        ("+scaling", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop','scaling']"]),
-        ("all", INSTUNIQUE, CROSS_OFF + [EQUI, "['flip','crop','rotation','scaling']"]),
+        ("flip+crop", INSTUNIQUE, CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop']"]),
+        ("+rotation", INSTUNIQUE, CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop','rotation']"]),
+        ("+scaling", INSTUNIQUE, CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop','scaling']"]),
+        ("all", INSTUNIQUE,
+         CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop','rotation','scaling']"]),
     ],
     # Table S4 in miniature: both terms, memory capacity in pixels.
     "memory": [
-        ("mini-batch (no memory)", INSTUNIQUE, [MEMORY, "0"]),
-        ("10k", INSTUNIQUE, [MEMORY, "10000"]),
-        ("50k", INSTUNIQUE, [MEMORY, "50000"]),
-        ("100k", INSTUNIQUE, [MEMORY, "100000"]),
+        ("mini-batch (no memory)", INSTUNIQUE, LAMBDA3 + [MEMORY, "0"]),
+        ("10k", INSTUNIQUE, LAMBDA3 + [MEMORY, "10000"]),
+        ("50k", INSTUNIQUE, LAMBDA3 + [MEMORY, "50000"]),
+        ("100k", INSTUNIQUE, LAMBDA3 + [MEMORY, "100000"]),
     ],
 }
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
