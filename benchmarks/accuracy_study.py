@@ -26,7 +26,8 @@ INSTUNIQUE = "configs/shapes/instunique_mask2former_shapes.yaml"  # lambda = 1
 CROSS_OFF = ["MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", "False"]
 EQUI_OFF = ["MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", "False"]
 LAMBDA3 = ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "3.0"]  # the paper's (Alg. 1)
-EQUI = "MODEL.INST_UNIQUE.EQUIVARIANCE.TRANSFORMS"
+# Equivariance only at lambda 3; each arm appends the value of TRANSFORMS.
+EQUI_ONLY = CROSS_OFF + LAMBDA3 + ["MODEL.INST_UNIQUE.EQUIVARIANCE.TRANSFORMS"]
 MEMORY = "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS"
 
 # name -> list of (arm, config, extra opts)
@@ -45,11 +46,10 @@ STUDIES = {
     # Table S3 in miniature: equivariance only, growing transform family.
     "transforms": [
         ("baseline (paired views)", BASELINE, []),
-        ("flip+crop", INSTUNIQUE, CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop']"]),
-        ("+rotation", INSTUNIQUE, CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop','rotation']"]),
-        ("+scaling", INSTUNIQUE, CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop','scaling']"]),
-        ("all", INSTUNIQUE,
-         CROSS_OFF + LAMBDA3 + [EQUI, "['flip','crop','rotation','scaling']"]),
+        ("flip+crop", INSTUNIQUE, EQUI_ONLY + ["['flip','crop']"]),
+        ("+rotation", INSTUNIQUE, EQUI_ONLY + ["['flip','crop','rotation']"]),
+        ("+scaling", INSTUNIQUE, EQUI_ONLY + ["['flip','crop','scaling']"]),
+        ("all", INSTUNIQUE, EQUI_ONLY + ["['flip','crop','rotation','scaling']"]),
     ],
     # Table S4 in miniature: both terms, memory capacity in pixels.
     "memory": [

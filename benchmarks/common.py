@@ -28,14 +28,18 @@ def load_config(path: str, opts=()):
     return cfg
 
 
+def dataset_dicts(name: str):
+    """The dataset dicts of ``name``, generating the built-in data on first use."""
+    prepare_dataset(name)
+    return DatasetCatalog.get(name)
+
+
 def test_inputs(cfg, count: int):
     """Model inputs of the first ``count`` images of the config's first test set, resized
     as at test time, with their "height"/"width"."""
-    name = cfg.DATASETS.TEST[0]
-    prepare_dataset(name)
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
     inputs = []
-    for d in DatasetCatalog.get(name)[:count]:
+    for d in dataset_dicts(cfg.DATASETS.TEST[0])[:count]:
         image = utils.read_image(d["file_name"], format=cfg.INPUT.FORMAT)
         image = resize.get_transform(image).apply_image(image)
         inputs.append({"image": torch.as_tensor(image.transpose(2, 0, 1).copy()),
@@ -45,9 +49,7 @@ def test_inputs(cfg, count: int):
 
 def paired_batch(cfg, num_pairs: int, seed: int = 0):
     """``num_pairs`` mapped training pairs of the config's first training set, fixed by seed."""
-    name = cfg.DATASETS.TRAIN[0]
-    prepare_dataset(name)
-    dicts = DatasetCatalog.get(name)
+    dicts = dataset_dicts(cfg.DATASETS.TRAIN[0])
     mapper = PairedViewMapper(cfg, is_train=True)
     np.random.seed(seed)
     return [mapper(dicts[i % len(dicts)]) for i in range(num_pairs)]

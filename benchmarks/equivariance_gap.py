@@ -12,18 +12,17 @@ horizontal flip. A model that is equivariant up to the sampling gives ratios nea
 import argparse
 import json
 import os
+from collections import defaultdict
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from instunique.data import PairedViewMapper
-from instunique.data.datasets import prepare_dataset
 from instunique.transforms import AffineWarp
 
-from common import load_config, machine
+from common import dataset_dicts, load_config, machine
 
 TERMS = ("loss_mask", "loss_dice")
 
@@ -44,7 +43,7 @@ def transforms(crop: int, stride: int):
 @torch.no_grad()
 def gap(model, pairs, batch):
     """Mean base-criterion terms of x' (own) and of m~ (equivariant), over batches."""
-    adapter, sums, count = model.adapter, {}, 0
+    adapter, sums, count = model.adapter, defaultdict(float), 0
     for k in range(0, len(pairs), batch):
         chunk = pairs[k : k + batch]
         p = len(chunk)
@@ -60,8 +59,8 @@ def gap(model, pairs, batch):
         equi = model.equivariance(
             adapter, out, targets, [x["warp"] for x in chunk], images.image_sizes)
         for t in TERMS:
-            sums[("own", t)] = sums.get(("own", t), 0.0) + own_losses[t].item()
-            sums[("equi", t)] = sums.get(("equi", t), 0.0) + (
+            sums[("own", t)] += own_losses[t].item()
+            sums[("equi", t)] += (
                 equi[t.replace("loss_", "loss_equi_")].item() / model.equivariance.weight)
         count += 1
     return {f"{side} {t}": v / count for (side, t), v in sums.items()}
@@ -85,8 +84,7 @@ def main():
         *args.opts])
     model = build_model(cfg).eval()  # running BatchNorm statistics, as at test time
     name = cfg.DATASETS.TEST[0]
-    prepare_dataset(name)
-    dicts = DatasetCatalog.get(name)[: args.images]
+    dicts = dataset_dicts(name)[: args.images]
     mapper = PairedViewMapper(cfg, is_train=True)
     stride = model.adapter.pixel_stride
     fixed = transforms(args.crop, stride)
@@ -95,7 +93,6 @@ def main():
     rows = []
     for weights in args.weights:
         DetectionCheckpointer(model).load(weights)
-        model.eval()
         with EventStorage():
             for t in fixed:
                 rows.append({"weights": weights, "transform": t,

@@ -20,9 +20,10 @@ import torch
 
 from common import build_step, machine, peak_memory_mb, timed
 
+BASELINE = "baseline (paired views)"
 # name -> (cross-image on, memory pixels, equivariance on)
 VARIANTS = {
-    "baseline (paired views)": (False, 0, False),
+    BASELINE: (False, 0, False),
     "+ cross-image, memory 0": (True, 0, False),
     "+ cross-image, memory 10k": (True, 10000, False),
     "+ cross-image, memory 50k": (True, 50000, False),
@@ -46,7 +47,7 @@ def main():
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args()
     variants = {v: spec for v, spec in VARIANTS.items()
-                if v in args.variants or v == "baseline (paired views)"}
+                if v in args.variants or v == BASELINE}
 
     steps = {v: build_step(args.config, args.device, args.pairs, *spec, args.opts)
              for v, spec in variants.items()}
@@ -70,8 +71,8 @@ def main():
         peaks[v] = queue.get()
         proc.join()
 
-    base_t = statistics.median(times["baseline (paired views)"])
-    base_m = peaks["baseline (paired views)"]
+    base_t = statistics.median(times[BASELINE])
+    base_m = peaks[BASELINE]
     rows = []
     for v in variants:
         ratios = sorted(t / base_t for t in times[v])
