@@ -29,6 +29,11 @@ LAMBDA3 = ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "3.0"]  # the paper's (Alg. 
 # Equivariance only at lambda 3; each arm appends the value of TRANSFORMS.
 EQUI_ONLY = CROSS_OFF + LAMBDA3 + ["MODEL.INST_UNIQUE.EQUIVARIANCE.TRANSFORMS"]
 MEMORY = "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS"
+# The anchor and the base models of the recipe studies (no InstUnique terms).
+MASK_RCNN_SHAPES = "configs/shapes/mask_rcnn_R18_FPN_shapes.yaml"
+M2F_SHAPES = "configs/shapes/mask2former_shapes.yaml"
+MASK_RCNN_BLOBS = "configs/blobs/mask_rcnn_R18_FPN_blobs.yaml"
+M2F_BLOBS = "configs/blobs/mask2former_blobs.yaml"
 
 # name -> list of (arm, config, extra opts)
 STUDIES = {
@@ -59,6 +64,22 @@ STUDIES = {
         ("100k", INSTUNIQUE, LAMBDA3 + [MEMORY, "100000"]),
     ],
 }
+# The base recipe (one change at a time from the shapes recipe) against detectron2's Mask R-CNN.
+STUDIES["base_shapes"] = [
+    ("Mask R-CNN R18-FPN (detectron2)", MASK_RCNN_SHAPES, []),
+    ("Mask2Former", M2F_SHAPES, []),
+]
+STUDIES["base_blobs"] = [
+    ("Mask R-CNN R18-FPN (detectron2)", MASK_RCNN_BLOBS, []),
+    ("Mask2Former, shapes recipe", M2F_BLOBS, []),
+    ("TRAIN_NUM_POINTS 12544", M2F_BLOBS, ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "12544"]),
+    ("large-scale jitter 0.5-2.0", M2F_BLOBS, [
+        "INPUT.DATASET_MAPPER_NAME", "coco_instance_lsj", "INPUT.IMAGE_SIZE", "256",
+        "INPUT.MIN_SCALE", "0.5", "INPUT.MAX_SCALE", "2.0"]),
+    ("heads 128 wide", M2F_BLOBS, [
+        "MODEL.SEM_SEG_HEAD.CONVS_DIM", "128", "MODEL.SEM_SEG_HEAD.MASK_DIM", "128",
+        "MODEL.MASK_FORMER.HIDDEN_DIM", "128"]),
+]
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 

@@ -1,7 +1,8 @@
 """
 Dataset registration and early, readable checks.
 
-Importing this module registers ``shapes_train`` / ``shapes_val`` (see :mod:`.shapes`) under
+Importing this module registers the built-in synthetic datasets ``shapes``, ``blobs`` and
+``shapes_crowd`` (``{name}_train`` / ``{name}_val``, see :mod:`.synthetic`) under
 ``$DETECTRON2_DATASETS`` without touching the disk. COCO and the other builtin datasets
 are registered by detectron2 itself (``detectron2.data.datasets.builtin``) under the same
 root, read once when detectron2 is imported.
@@ -21,7 +22,9 @@ from typing import List
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 
-from .shapes import materialize_shapes, register_shapes
+from .blobs import BLOBS
+from .shapes import SHAPES, SHAPES_CROWD
+from .synthetic import materialize_synthetic, register_synthetic
 
 __all__ = ["DatasetNotRegisteredError", "check_dataset", "prepare_dataset", "register_all"]
 
@@ -48,8 +51,10 @@ class DatasetNotRegisteredError(KeyError):
 
 def register_all(root=None) -> None:
     """Register the project's datasets; names already in DatasetCatalog are left alone."""
-    if not any(n in DatasetCatalog.list() for n in ("shapes_train", "shapes_val")):
-        register_shapes(root)
+    for spec in (SHAPES, BLOBS, SHAPES_CROWD):
+        names = [f"{spec.folder}_{split}" for split in ("train", "val")]
+        if not any(n in DatasetCatalog.list() for n in names):
+            register_synthetic(spec, root)
 
 
 def _builtin_root() -> str:
@@ -110,7 +115,7 @@ def check_dataset(name: str) -> Metadata:
     """
     Make sure ``name`` is registered and its files are where its metadata says.
 
-    Synthetic ``shapes`` datasets are generated if missing. Returns the metadata.
+    Built-in synthetic datasets are generated if missing. Returns the metadata.
 
     Raises:
         DatasetNotRegisteredError: unknown name; the message lists the registered names.
@@ -121,7 +126,7 @@ def check_dataset(name: str) -> Metadata:
         raise ValueError(f"dataset name must be a str, got {type(name).__name__}: {name!r}")
     if name not in DatasetCatalog.list():
         raise DatasetNotRegisteredError(_unknown_dataset_message(name))
-    materialize_shapes(name)
+    materialize_synthetic(name)
     meta = MetadataCatalog.get(name)
     missing = [
         field

@@ -1,0 +1,113 @@
+"""The built-in synthetic datasets beside ``shapes``: ``blobs`` and ``shapes_crowd``."""
+import glob
+import json
+import os
+import threading
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from instunique.data.blobs import BLOBS
+from instunique.data.datasets import check_dataset
+from instunique.data.shapes import SHAPES_CROWD
+from instunique.data.synthetic import (
+    dataset_paths,
+    ensure_splits,
+    generate_split,
+    register_synthetic,
+)
+
+
+def _files(spec, root, split):
+    json_file, image_root = dataset_paths(spec, str(root), split)
+    out = {}
+    for path in sorted(glob.glob(os.path.join(image_root, "*.png")) + [json_file]):
+        with open(path, "rb") as f:
+            out[os.path.basename(path)] = f.read()
+    return out
+
+
+def _instances(spec, root, split):
+    """{image_id: (N, H, W) bool masks} and the coco dict."""
+    with open(dataset_paths(spec, str(root), split)[0]) as f:
+        coco = json.load(f)
+    masks = {img["id"]: [] for img in coco["images"]}
+    for ann in coco["annotations"]:
+        masks[ann["image_id"]].append(mask_util.decode(ann["segmentation"]).astype(bool))
+    return {k: np.stack(v) for k, v in masks.items()}, coco
+
+
+@pytest.mark.parametrize("spec", [BLOBS, SHAPES_CROWD], ids=lambda s: s.folder)
+def test_generation_is_deterministic_and_atomic(spec, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate_split(spec, str(a), "train", 3, seed=0)
+    generate_split(spec, str(b), "train", 3, seed=0)
+    assert _files(spec, a, "train") == _files(spec, b, "train")
+    generate_split(spec, str(b), "train", 3, seed=5)
+    assert _files(spec, a, "train") != _files(spec, b, "train")
+    # Racing writers on a fresh root leave one complete, identical dataset and no temporary.
+    errors = []
+
+    def run():
+        try:
+            ensure_splits(spec, str(tmp_path / "race"), num_train=3, num_val=2)
+        except Exception as e:  # noqa: BLE001 - asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert _files(spec, tmp_path / "race", "train") == _files(spec, a, "train")
+    leftovers = glob.glob(str(tmp_path / "race" / "**" / "*.tmp*"), recursive=True)
+    assert leftovers == []
+
+
+def test_blobs_are_many_small_touching_look_alikes(tmp_path):
+    generate_split(BLOBS, str(tmp_path), "val", 4, seed=1)
+    by_image, coco = _instances(BLOBS, tmp_path, "val")
+    assert {c["name"] for c in coco["categories"]} == {"blob"}
+    assert all(img["height"] == img["width"] == 256 for img in coco["images"])
+    for masks in by_image.values():
+        assert 15 <= len(masks) <= 60
+        areas = masks.sum((1, 2))
+        assert areas.min() >= 15 and np.median(areas) < 250  # a few dozen to ~200 px
+        assert masks.sum(0).max() == 1  # visible parts never overlap
+        # Most instances touch another: dilating a mask by one pixel reaches a neighbour.
+        grown = masks.copy()
+        grown[:, 1:] |= masks[:, :-1]
+        grown[:, :-1] |= masks[:, 1:]
+        grown[:, :, 1:] |= masks[:, :, :-1]
+        grown[:, :, :-1] |= masks[:, :, 1:]
+        others = masks.sum(0, keepdims=True) - masks
+        touching = (grown & (others > 0)).any((1, 2))
+        assert touching.mean() > 0.4
+
+
+def test_crowd_images_hold_one_class_in_one_colour(tmp_path):
+    generate_split(SHAPES_CROWD, str(tmp_path), "val", 4, seed=1)
+    by_image, coco = _instances(SHAPES_CROWD, tmp_path, "val")
+    image_root = dataset_paths(SHAPES_CROWD, str(tmp_path), "val")[1]
+    for img in coco["images"]:
+        cats = {a["category_id"] for a in coco["annotations"] if a["image_id"] == img["id"]}
+        masks = by_image[img["id"]]
+        assert len(cats) == 1 and 8 <= len(masks) <= 20
+        image = cv2.imread(os.path.join(image_root, img["file_name"])).astype(int)
+        # Same colour: instance means differ by the sensor noise's few levels only.
+        means = np.stack([image[m].mean(0) for m in masks])
+        assert np.abs(means - means.mean(0)).max() < 4
+
+
+def test_builtin_names_are_registered_and_materialize(tmp_path):
+    for name in ("blobs_train", "blobs_val", "shapes_crowd_train", "shapes_crowd_val"):
+        assert name in DatasetCatalog.list()
+    names = register_synthetic(BLOBS, str(tmp_path), prefix="t_blobs", num_train=2, num_val=1)
+    meta = check_dataset(names[1])
+    assert meta.thing_classes == ["blob"] and meta.evaluator_type == "coco"
+    assert len(DatasetCatalog.get(names[0])) == 2
+    assert MetadataCatalog.get(names[0]).thing_dataset_id_to_contiguous_id == {1: 0}
