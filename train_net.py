@@ -9,12 +9,13 @@ import os
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from instunique import add_instunique_config
 from instunique.checkpoint import AtomicCheckpointer
 from instunique.data import InstanceViewMapper, PairedViewMapper
 from instunique.data.datasets import check_dataset, prepare_dataset
+from instunique.evaluation import QueryUniquenessEvaluator
 from instunique.solver import build_optimizer
 
 
@@ -28,7 +29,7 @@ class Trainer(DefaultTrainer):
         return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
         prepare_dataset(dataset_name)
         evaluator_type = check_dataset(dataset_name).evaluator_type
         if evaluator_type != "coco":
@@ -37,7 +38,20 @@ class Trainer(DefaultTrainer):
                 f"train_net.py evaluates 'coco' instance segmentation"
             )
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        coco = COCOEvaluator(dataset_name, output_dir=output_folder)
+        if not cfg.TEST.UNIQUENESS.ENABLED:
+            return coco
+        if model is None:
+            raise ValueError("TEST.UNIQUENESS.ENABLED: the uniqueness evaluator needs the model")
+        uniqueness = QueryUniquenessEvaluator(cfg, dataset_name, model, output_folder)
+        return DatasetEvaluators([coco, uniqueness])
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        # The uniqueness evaluator reads the model's embeddings: hand it the model.
+        if evaluators is None:
+            evaluators = [cls.build_evaluator(cfg, name, model=model) for name in cfg.DATASETS.TEST]
+        return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -1,13 +1,20 @@
 #!/usr/bin/env python
-"""Accuracy of InstUnique vs its baseline on the built-in shapes data, several seeds each.
+"""Accuracy studies on the built-in data, several seeds each, paired by seed.
 
-Every arm is a full ``train_net.py`` run (training, then COCO mask evaluation on
-``shapes_val``); arms see the same images: 4 pairs = 8 views per iteration, same schedule.
-Runs already finished are read back, so an interrupted study resumes where it stopped.
+Every arm is a full ``train_net.py`` run (training, then COCO mask evaluation on the
+config's test set); within a study, arms see the same number of images per iteration and
+the same schedule, and a seed gives every arm the same data order. Each table is followed
+by every arm's paired difference to the first arm with a 95% t interval. Runs already
+finished are read back, so an interrupted study resumes where it stopped.
+
+Studies: ``main``, ``transforms`` (Table S3), ``memory`` (Table S4): InstUnique vs its
+paired-view baseline on shapes; ``base_shapes``, ``base_blobs``: the base Mask2Former
+recipe against detectron2's Mask R-CNN, and one-change ablations of the recipe.
 
     python benchmarks/accuracy_study.py --study main --seeds 0 1 2
     python benchmarks/accuracy_study.py --study transforms --seeds 0 --opts SOLVER.MAX_ITER 900
     python benchmarks/accuracy_study.py --study memory --seeds 0 --opts SOLVER.MAX_ITER 900
+    python benchmarks/accuracy_study.py --study base_blobs --seeds 0 1 2 --jobs 2 --threads 1
 """
 import argparse
 import json
@@ -18,6 +25,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+from scipy import stats
 
 from common import ROOT, machine
 
@@ -106,6 +115,9 @@ def read_run(out_dir):
     }
     return {
         "metrics": {m: final[-1][f"segm/{m}"] for m in METRICS},
+        # The query-uniqueness evaluator's figures, where the run had it on.
+        "uniqueness": {k.split("/", 1)[1]: v for k, v in final[-1].items()
+                       if k.startswith("uniqueness/")},
         "iterations": final[-1]["iteration"] + 1,
         "final_losses": losses,
     }
@@ -138,6 +150,34 @@ def mean_std(values):
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def paired_difference(pairs):
+    """Mean of (arm - reference) over shared seeds and its 95% t interval (None: < 2 seeds)."""
+    diffs = [a - b for a, b in pairs if not (math.isnan(a) or math.isnan(b))]
+    if len(diffs) < 2:
+        return (diffs[0], None) if diffs else (math.nan, None)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return statistics.mean(diffs), half
+
+
+def print_paired(rows, key, names):
+    """Per arm, its paired difference to the first arm (same seeds) on ``names``."""
+    ref = {r["seed"]: r for r in rows[0]["runs"]}
+    print(f"\npaired difference to {rows[0]['arm']!r} (mean [95% interval] over shared seeds):\n")
+    print("| arm | seeds | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for row in rows[1:]:
+        runs = [r for r in row["runs"] if r["seed"] in ref]
+        cells = []
+        for name in names:
+            pairs = [(r[key].get(name, math.nan), ref[r["seed"]][key].get(name, math.nan))
+                     for r in runs]
+            mean, half = paired_difference(pairs)
+            cells.append("n/a" if math.isnan(mean) else f"{mean:+.2f}" if half is None
+                         else f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]")
+            row.setdefault("paired", {})[name] = {"mean": mean, "half_width_95": half}
+        print(f"| {row['arm']} | {len(runs)} | " + " | ".join(cells) + " |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--study", choices=sorted(STUDIES), default="main")
@@ -162,7 +202,8 @@ def main():
     def work(job):
         arm, config, opts, seed = job
         out_dir = os.path.join(study_dir, slug(arm), f"seed{seed}")
-        return arm, seed, run_arm(config, [*opts, *args.opts], seed, out_dir, args.threads)
+        result = run_arm(config, [*opts, *args.opts], seed, out_dir, args.threads)
+        return arm, seed, dict(result, seed=seed)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(work, jobs))
@@ -180,6 +221,19 @@ def main():
         cells = " | ".join("n/a" if math.isnan(m) else f"{m:.1f}" if len(runs) == 1
                            else f"{m:.1f} ± {s:.1f}" for m, s in stats.values())
         print(f"| {arm} | {len(runs)} | {cells} |")
+    print_paired(rows, "metrics", ["AP", "AP50", "AP75"])
+    uniqueness = sorted({k for row in rows for r in row["runs"] for k in r["uniqueness"]})
+    if uniqueness:
+        print("\nquery uniqueness (mean ± std):\n")
+        print("| arm | " + " | ".join(uniqueness) + " |")
+        print("|---|" + "---|" * len(uniqueness))
+        for row in rows:
+            cells = []
+            for k in uniqueness:
+                m, sd = mean_std([r["uniqueness"].get(k, math.nan) for r in row["runs"]])
+                cells.append("n/a" if math.isnan(m) else f"{m:.2f} ± {sd:.2f}")
+            print(f"| {row['arm']} | " + " | ".join(cells) + " |")
+        print_paired(rows, "uniqueness", uniqueness)
     print("\nmean of each loss over the last 10% of iterations:")
     for row in rows:
         losses = ", ".join(f"{k} {v:.3f}" for k, v in row["final_losses"].items())

@@ -1,12 +1,11 @@
 #!/usr/bin/env python
-"""Do a model's queries fire on other images? The quantity Eq. 5 trains down.
+"""Do a model's queries fire on other images, and does each instance get one query?
 
-For every confident query of a validation image A (class score > --score), its mask
-probabilities sigmoid(e_q . F_B) on the valid pixels of the other validation images B:
-the fraction above 0.5 (false firing) and the mean of its per-image maximum. The same
-query on its own image gives the area it claims there, for scale, and duplicates: confident
-queries whose mask (logit > 0) overlaps that of a more confident query of the same image
-with IoU > 0.5. Several trained models side by side, e.g. the seeds of the accuracy study.
+A thin caller of instunique.evaluation.QueryUniquenessEvaluator (definitions in its
+docstring: external firing share, mean max external probability, duplicate, merged and
+split rates) on the first --images validation images, for several trained models side by
+side, e.g. the seeds of the accuracy study. train_net.py runs the same evaluator beside
+COCOEvaluator when TEST.UNIQUENESS.ENABLED.
 
     python benchmarks/query_uniqueness.py --weights run_a/model_final.pth run_b/model_final.pth
 """
@@ -19,52 +18,23 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from instunique.adapter import SegmenterAdapter, build_adapter
+from instunique.evaluation import QueryUniquenessEvaluator
 
-from common import load_config, machine, test_inputs
+from common import dataset_dicts, load_config, machine, test_inputs
+
+KEYS = ("confident_per_image", "duplicate_rate", "merged_rate", "split_rate", "external_fire",
+        "external_max_prob")
 
 
-def embeddings(model, inputs, score_thresh):
-    """Per image: confident query embeddings (n, C) sorted by falling class score, and valid
-    pixel embeddings (P, C)."""
-    adapter = getattr(model, "adapter", None)
-    if not isinstance(adapter, SegmenterAdapter):
-        adapter = build_adapter(model)
-    queries, pixels = [], []
+def evaluate(cfg, model, inputs):
+    """The evaluator's results over ``inputs``, one image per forward."""
+    evaluator = QueryUniquenessEvaluator(cfg, cfg.DATASETS.TEST[0], model)
+    evaluator.reset()
+    model.eval()
     with torch.no_grad():
         for x in inputs:
-            images = adapter.preprocess([x])
-            out = adapter.forward_train(images)
-            score = out.class_logits[0].float().softmax(-1)[:, :-1].max(-1).values
-            order = score.argsort(descending=True)
-            keep = order[score[order] > score_thresh]
-            queries.append(out.query_embeds[0][keep].float())
-            f = out.pixel_embeds[0].float()
-            stride = images.tensor.shape[-1] // f.shape[-1]
-            h, w = (-(-s // stride) for s in images.image_sizes[0])
-            pixels.append(f[:, :h, :w].flatten(1).t())
-    return queries, pixels
-
-
-def uniqueness(queries, pixels):
-    fire, peak, own_area, duplicates = [], [], [], 0
-    for a, qa in enumerate(queries):
-        if len(qa) == 0:
-            continue
-        masks = (qa @ pixels[a].t()).gt(0).float()  # (n, P), most confident first
-        own_area.append(masks.mean(1))
-        inter = masks @ masks.t()
-        iou = inter / (masks.sum(1)[:, None] + masks.sum(1)[None] - inter).clamp(min=1)
-        duplicates += int(iou.tril(-1).gt(0.5).any(1).sum())
-        for b, fb in enumerate(pixels):
-            if b != a:
-                p = (qa @ fb.t()).sigmoid()
-                fire.append(p.gt(0.5).float().mean(1))
-                peak.append(p.max(1).values)
-    cat = lambda xs: torch.cat(xs).mean().item() if xs else float("nan")  # noqa: E731
-    return {"queries": sum(len(q) for q in queries), "duplicates": duplicates,
-            "external_fire": cat(fire), "external_max_prob": cat(peak),
-            "own_area": cat(own_area)}
+            evaluator.process([x], model([x]))
+    return evaluator.evaluate()["uniqueness"]
 
 
 def main():
@@ -73,7 +43,8 @@ def main():
     p.add_argument("--weights", nargs="+", required=True)
     p.add_argument("--labels", nargs="+", help="one per weights file")
     p.add_argument("--images", type=int, default=40)
-    p.add_argument("--score", type=float, default=0.5)
+    p.add_argument("--score", type=float, default=0.5, help="TEST.UNIQUENESS.SCORE_THRESH")
+    p.add_argument("--group-size", type=int, default=8, help="TEST.UNIQUENESS.GROUP_SIZE")
     p.add_argument("--output", default="benchmarks/results/query_uniqueness.json")
     args = p.parse_args()
     # Default label: the checkpoint's last two folders, e.g. "instunique/seed0".
@@ -81,39 +52,40 @@ def main():
                              for w in args.weights]
     if len(labels) != len(args.weights):
         raise SystemExit(f"--labels: {len(labels)} labels for {len(args.weights)} weights")
-
     missing = [w for w in args.weights if not os.path.isfile(w)]
     if missing:
         raise SystemExit(f"--weights: no such checkpoint: {', '.join(missing)}")
-    cfg = load_config(args.config, ["MODEL.DEVICE", "cpu"])
+
+    cfg = load_config(args.config, ["MODEL.DEVICE", "cpu", "TEST.UNIQUENESS.SCORE_THRESH",
+                                    args.score, "TEST.UNIQUENESS.GROUP_SIZE", args.group_size])
     name = cfg.DATASETS.TEST[0]
     inputs = test_inputs(cfg, args.images)
+    # The evaluator finds each image's ground truth by its dataset image_id.
+    for x, d in zip(inputs, dataset_dicts(name)):
+        x["image_id"] = d["image_id"]
 
     rows = []
     for label, weights in zip(labels, args.weights):
-        model = build_model(cfg).eval()
+        model = build_model(cfg)
         DetectionCheckpointer(model).load(weights)
-        rows.append({"model": label, "weights": weights,
-                     **uniqueness(*embeddings(model, inputs, args.score))})
+        rows.append({"model": label, "weights": weights, **evaluate(cfg, model, inputs)})
 
-    print(f"\nQuery uniqueness on {len(inputs)} images of {name}, queries with score > "
-          f"{args.score}\nmachine: {machine()}\n")
-    print("| model | confident queries | duplicates | external pixels > 0.5 | "
-          "mean max external prob | own-image area > 0.5 |\n|---|---|---|---|---|---|")
+    print(f"\nQuery uniqueness on {len(inputs)} images of {name} (groups of {args.group_size}), "
+          f"queries with score > {args.score}\nmachine: {machine()}\n")
+    print("| model | confident / image | duplicates | merged | split | external pixels > 0.5 "
+          "| mean max external prob |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['queries']} | {r['duplicates']} | {r['external_fire']:.4%} | "
-              f"{r['external_max_prob']:.3f} | {r['own_area']:.3%} |")
+        print(f"| {r['model']} | {r['confident_per_image']:.2f} | {r['duplicate_rate']:.1f}% | "
+              f"{r['merged_rate']:.1f}% | {r['split_rate']:.1f}% | {r['external_fire']:.3f}% | "
+              f"{r['external_max_prob']:.3f} |")
     groups = {}
     for r in rows:
         groups.setdefault(r["model"].rsplit("/", 1)[0], []).append(r)
     if any(len(g) > 1 for g in groups.values()):
         print("\nmean over runs of one label prefix (text before the last '/'):")
         for k, g in groups.items():
-            m = {key: statistics.mean(r[key] for r in g) for key in
-                 ("queries", "duplicates", "external_fire", "external_max_prob", "own_area")}
-            print(f"  {k}: confident queries {m['queries']:.1f}, duplicates "
-                  f"{m['duplicates']:.1f}, external pixels > 0.5 {m['external_fire']:.4%}, "
-                  f"mean max external prob {m['external_max_prob']:.3f}")
+            print(f"  {k}: " + ", ".join(
+                f"{key} {statistics.mean(r[key] for r in g):.3f}" for key in KEYS))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"machine": machine(), "args": vars(args), "rows": rows}, f, indent=1)

@@ -1,4 +1,6 @@
 """Cross-image querying (paper Eq. 5): the chunked focal loss and the batch-level module."""
+import math
+
 import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
@@ -304,3 +306,221 @@ def test_module_two_views_of_one_image_are_not_external():
     memory = make_memory()  # entries of images 10 to 13 are external to image 7
     loss, _ = make_loss()(outputs, targets, matching, valid_hw, same_image, memory)
     assert loss.item() > 0.0
+
+
+# ------------------------------------------------------------------ Eq. 5 variants
+def dense_variant(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, *, alpha=0.25,
+                  gamma=2.0, loss="focal", temperature=1.0, hard_negatives="none",
+                  hard_threshold=0.8, topk=1, normalization="mean", num_masks=1.0):
+    """Every variant on the whole (R, N) matrix with autograd: the reference."""
+    z = queries @ pixels.detach().t()
+    target = (query_cls[:, None] == pixel_cls[None]) & (query_cls[:, None] >= 0)
+    keep = query_ids[:, None] != pixel_ids[None]
+    hard = torch.where(target, -z, z).detach() / temperature  # wrong-answer logit
+    if hard_negatives == "threshold":
+        keep = keep & (hard.sigmoid() >= hard_threshold)
+    elif hard_negatives == "topk":
+        ranked = hard.masked_fill(~keep, float("-inf"))
+        top = torch.zeros_like(keep)
+        top.scatter_(1, ranked.topk(min(topk, z.shape[1]), dim=1).indices, True)
+        keep = keep & top
+    x = z / temperature
+    if loss == "focal":
+        pair = sigmoid_focal_loss(x, target.to(z.dtype), alpha, gamma, reduction="none")
+    else:
+        pair = torch.where(target, -x, x).sigmoid()
+    pair = pair * keep
+    if normalization == "mean":
+        return pair.sum() / keep.sum().clamp(min=1)
+    return (pair.sum(1) / keep.sum(1).clamp(min=1)).sum() / num_masks
+
+
+VARIANTS = [
+    dict(),
+    dict(normalization="per_query", num_masks=3.0),
+    dict(loss="probability", temperature=3.0, hard_negatives="threshold", hard_threshold=0.6),
+    dict(hard_negatives="threshold", hard_threshold=0.3, temperature=0.7,
+         normalization="per_query", num_masks=2.0),
+    dict(hard_negatives="topk", topk=1),
+    dict(hard_negatives="topk", topk=4, loss="probability", temperature=2.0),
+    dict(hard_negatives="topk", topk=9, normalization="per_query", num_masks=5.0, gamma=1.5),
+    dict(hard_negatives="topk", topk=100),  # more than the external pixels of any query
+]
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+@pytest.mark.parametrize("chunk", [1, 5, 23])
+@pytest.mark.parametrize("stuff", [True, False])
+def test_variants_chunked_equal_dense(variant, chunk, stuff):
+    """Chunk 23 scores all 23 external pixels at once: chunked == unchunked == dense."""
+    opts = VARIANTS[variant]
+    queries, pixels, qid, pid, qcls, pcls = make_problem(seed=6)
+    if not stuff:
+        qcls = torch.full_like(qcls, -1)
+    kernel = {k: v for k, v in opts.items() if k not in ("alpha", "gamma")}
+    q1 = queries.clone().requires_grad_()
+    loss = external_focal_loss(q1, pixels, qid, pid, qcls, pcls, opts.get("alpha", 0.25),
+                               opts.get("gamma", 2.0), chunk=chunk, **kernel)
+    loss.backward()
+    q2 = queries.clone().requires_grad_()
+    ref = dense_variant(q2, pixels, qid, pid, qcls, pcls, **opts)
+    ref.backward()
+    assert ref.item() > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-10, atol=1e-14)
+
+
+def _focal0(z, alpha=0.25):
+    """Hand formula of the focal loss towards 0 with gamma 2: (1 - a) p^2 log(1 + e^z)."""
+    p = 1 / (1 + math.exp(-z))
+    return (1 - alpha) * p * p * math.log1p(math.exp(z))
+
+
+def test_normalisations_equal_hand_computed_values():
+    # Two queries (C = 1) of images 0 and 1; external pixels of images 0, 1, 2 with values
+    # 1, -1, 2. Query 0 (e = 1) sees pixels 1, 2 (logits -1, 2); query 1 (e = 0.5) sees
+    # pixels 0, 2 (logits 0.5, 1).
+    queries = torch.tensor([[1.0], [0.5]], dtype=torch.float64)
+    pixels = torch.tensor([[1.0], [-1.0], [2.0]], dtype=torch.float64)
+    qid, pid = torch.tensor([0, 1]), torch.tensor([0, 1, 2])
+    qcls, pcls = torch.full((2,), -1), torch.full((3,), -1)
+    row0 = [_focal0(-1.0), _focal0(2.0)]
+    row1 = [_focal0(0.5), _focal0(1.0)]
+    mean = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, chunk=2)
+    assert mean.item() == pytest.approx(sum(row0 + row1) / 4, rel=1e-12)
+    per_query = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, chunk=2,
+                                    normalization="per_query", num_masks=3.0)
+    assert per_query.item() == pytest.approx((sum(row0) / 2 + sum(row1) / 2) / 3, rel=1e-12)
+    # Official CondInst reading: s = sigmoid(z / 3), mean of s over pairs with s >= 0.55;
+    # sigmoid(2/3) = 0.661 and sigmoid(1/3) = 0.583 pass, sigmoid(-1/3), sigmoid(1/6) do not.
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    official = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, loss="probability",
+                                   temperature=3.0, hard_negatives="threshold",
+                                   hard_threshold=0.55)
+    assert official.item() == pytest.approx((sig(2 / 3) + sig(1 / 3)) / 2, rel=1e-12)
+    # Top-1 per query: pixel 2 for both (logits 2 and 1).
+    top1 = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, hard_negatives="topk",
+                               topk=1, normalization="per_query", num_masks=2.0)
+    assert top1.item() == pytest.approx((_focal0(2.0) + _focal0(1.0)) / 2, rel=1e-12)
+
+
+def test_pairs_below_the_threshold_contribute_nothing():
+    queries, pixels, qid, pid, qcls, pcls = make_problem(seed=7)
+    qcls = torch.full_like(qcls, -1)
+    # Pixels 0-5 are easy for every query: channel 0 of each query is > 0.5 and theirs is
+    # -3, the rest 0, so every logit is below -1.5 (p < 0.19).
+    queries[:, 0] = queries[:, 0].abs() + 0.5
+    easy = torch.arange(6)
+    pixels[easy] = 0.0
+    pixels[easy, 0] = -3.0
+    opts = dict(hard_negatives="threshold", hard_threshold=0.7, chunk=4)
+    q1 = queries.clone().requires_grad_()
+    loss = external_focal_loss(q1, pixels, qid, pid, qcls, pcls, **opts)
+    loss.backward()
+    hard = ((queries @ pixels.t()).sigmoid() >= 0.7) & (qid[:, None] != pid[None])
+    assert hard.any() and not hard[:, easy].any()
+    # Moving the easy pixels anywhere below the threshold changes neither the loss nor the
+    # gradient: their pairs carry no loss. Dropping them does not either.
+    moved = pixels.clone()
+    moved[easy, 0] = -8.0
+    q2 = queries.clone().requires_grad_()
+    again = external_focal_loss(q2, moved, qid, pid, qcls, pcls, **opts)
+    again.backward()
+    torch.testing.assert_close(again, loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(q2.grad, q1.grad, rtol=1e-10, atol=1e-14)
+    dropped = external_focal_loss(queries, pixels[6:], qid, pid[6:], qcls, pcls[6:], **opts)
+    torch.testing.assert_close(dropped, loss, rtol=1e-12, atol=0)
+    # Without the threshold the easy pairs count (and dilute the mean).
+    assert external_focal_loss(queries, pixels, qid, pid, qcls, pcls, chunk=4) < loss
+    # With no pair above the threshold, the loss is 0.
+    none = external_focal_loss(queries, pixels, qid, pid, qcls, pcls,
+                               hard_negatives="threshold", hard_threshold=1 - 1e-12)
+    assert none.item() == 0.0
+
+
+def test_matched_queries_alone_get_gradient():
+    outputs, targets, matching, valid_hw, image_ids = make_batch(seed=4)
+    # Image 0: queries 0 and 2 matched; image 1: none; images 2, 3: query 1.
+    matching = [(torch.tensor([2, 0]), torch.tensor([0, 1])),
+                (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)),
+                (torch.tensor([1]), torch.tensor([0])), (torch.tensor([1]), torch.tensor([2]))]
+    torch.manual_seed(2)
+    loss, (feats, cls, ids) = make_loss(queries="matched", stuff_classes=())(
+        outputs, targets, matching, valid_hw, image_ids, None
+    )
+    loss.backward()
+    grad = outputs.query_embeds.grad.abs().sum(-1)
+    matched = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0], [0, 1, 0]], dtype=torch.bool)
+    assert (grad[matched] > 0).all() and (grad[~matched] == 0).all()
+    rows = matched.reshape(-1)
+    ref = 2.5 * dense_focal(outputs.query_embeds.detach().reshape(12, 6)[rows], feats,
+                            image_ids.repeat_interleave(3)[rows], ids,
+                            torch.full((int(rows.sum()),), -1), cls)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+    # "all" scores every query.
+    outputs.query_embeds.grad = None
+    loss, _ = make_loss(stuff_classes=())(outputs, targets, matching, valid_hw, image_ids, None)
+    loss.backward()
+    assert (outputs.query_embeds.grad.abs().sum(-1) > 0).all()
+
+
+def test_per_query_divides_by_the_number_of_target_masks():
+    outputs, targets, matching, valid_hw, image_ids = make_batch(seed=5)
+    torch.manual_seed(3)
+    loss, (feats, cls, ids) = make_loss(normalization="per_query", stuff_classes=())(
+        outputs, targets, matching, valid_hw, image_ids, None
+    )
+    num_masks = sum(len(t["labels"]) for t in targets)
+    assert num_masks == 12
+    ref = 2.5 * dense_variant(outputs.query_embeds.detach().reshape(12, 6), feats,
+                              image_ids.repeat_interleave(3), ids, torch.full((12,), -1), cls,
+                              normalization="per_query", num_masks=num_masks)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("QUERIES", "positive"),
+    ("LOSS", "bce"),
+    ("HARD_NEGATIVES", "hardest"),
+    ("NORMALIZATION", "sum"),
+    ("HARD_THRESHOLD", 0.0),
+    ("HARD_THRESHOLD", 1.0),
+    ("TOPK", 0),
+    ("FOCAL_ALPHA", -0.25),
+    ("FOCAL_ALPHA", 1.5),
+    ("FOCAL_GAMMA", -1.0),
+    ("TEMPERATURE", 0.0),
+])
+def test_bad_variants_fail_at_model_build_naming_the_key(key, value):
+    from detectron2.modeling import build_model
+
+    from utils import get_config, tiny_opts
+
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts(),
+                     f"MODEL.INST_UNIQUE.CROSS_IMAGE.{key}", value)
+    with pytest.raises(ValueError, match=f"MODEL.INST_UNIQUE.CROSS_IMAGE.{key} must be"):
+        build_model(cfg)
+
+
+def test_variants_are_set_by_yaml_keys():
+    from detectron2.modeling import build_model
+
+    from utils import get_config, tiny_opts
+
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts())
+    cross = build_model(cfg).cross_image
+    # Defaults: Alg. 1 read literally, as before the variants existed.
+    assert cross.queries == "all" and cross.alpha == 0.25 and cross.gamma == 2.0
+    assert cross.options == dict(loss="focal", temperature=1.0, hard_negatives="none",
+                                 hard_threshold=0.8, topk=64, normalization="mean")
+    prefix = "MODEL.INST_UNIQUE.CROSS_IMAGE."
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts(),
+                     prefix + "QUERIES", "matched", prefix + "LOSS", "probability",
+                     prefix + "TEMPERATURE", 3.0, prefix + "HARD_NEGATIVES", "threshold",
+                     prefix + "NORMALIZATION", "per_query", prefix + "WEIGHT", 10.0)
+    cross = build_model(cfg).cross_image
+    assert cross.queries == "matched" and cross.weight == 10.0
+    assert cross.options["loss"] == "probability" and cross.options["temperature"] == 3.0
+    assert cross.options["hard_negatives"] == "threshold"
+    assert cross.options["normalization"] == "per_query"

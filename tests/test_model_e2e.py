@@ -142,3 +142,62 @@ def test_checkpoint_with_other_shapes_loads_with_mismatches_skipped(tmp_path):
     # The class head (2 vs 4 classes) is skipped; everything else is loaded.
     assert torch.equal(model.sem_seg_head.predictor.class_embed.weight, before)
     assert torch.equal(model.backbone.stem.conv1.weight, small.backbone.stem.conv1.weight)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_base_loss_on_paired_view_switch(on):
+    """BASE_LOSS_ON_PAIRED_VIEW True: L_base over x and x' (the plain model's loss on all
+    views); False: over x alone (the plain model's loss on the x views), while x' still
+    gets Eq. 8. FrozenBN: batch statistics would tie x's features to x'."""
+    frozen = ["MODEL.RESNETS.NORM", "FrozenBN"]
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts(), *frozen,
+                     "MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", False,
+                     "MODEL.INST_UNIQUE.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW", on)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    base = build_model(get_config("shapes/mask2former_shapes.yaml", *tiny_opts(), *frozen))
+    base.load_state_dict(model.state_dict())
+    batch = [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)]
+    views = list(batch) + ([x["paired_view"] for x in batch] if on else [])
+    model.train()
+    base.train()
+    with EventStorage():
+        torch.manual_seed(5)  # the matcher and criterion sample points: same draws
+        losses = model(batch)
+        torch.manual_seed(5)
+        ref = base([{k: v for k, v in x.items() if k not in ("paired_view", "warp")}
+                    for x in views])
+    equi = {k for k in losses if k.startswith("loss_equi_")}
+    assert equi == {"loss_equi_ce", "loss_equi_mask", "loss_equi_dice"}
+    assert set(losses) - equi == set(ref)
+    for k in ref:
+        torch.testing.assert_close(losses[k], ref[k], rtol=1e-4, atol=1e-6)
+    assert all(losses[k] > 0 for k in equi)
+    # Eq. 8 alone trains the x' queries: its gradient reaches the decoder's query tables.
+    sum(losses[k] for k in equi).backward()
+    assert model.segmenter.sem_seg_head.predictor.query_feat.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("opts", [
+    ["MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING", "view"],
+    ["MODEL.INST_UNIQUE.CROSS_IMAGE.QUERIES", "matched"],
+])
+def test_paired_view_matching_without_its_loss(opts, monkeypatch):
+    """Without x' base loss, the terms that read x' matching still get it, computed without
+    a loss graph."""
+    cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts(), *opts,
+                     "MODEL.INST_UNIQUE.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW", False)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    calls = []
+    base_losses = model.adapter.base_losses
+
+    def spy(raw, targets, *args, **kwargs):
+        calls.append((len(targets), torch.is_grad_enabled()))
+        return base_losses(raw, targets, *args, **kwargs)
+
+    monkeypatch.setattr(model.adapter, "base_losses", spy)
+    losses = _train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])
+    # x (with grad), x' matching (no grad), then Eq. 8 on x' (with grad).
+    assert calls == [(2, True), (2, False), (2, True)]
+    assert {"loss_cross_image", "loss_equi_mask"} <= set(losses)

@@ -5,7 +5,9 @@
         --output curves.png
 
 Each argument is a metrics.json or an OUTPUT_DIR holding one. One panel per metric
-(total_loss, every loss_* term, segm/AP when evaluated), one line per run.
+(total_loss, every loss_* term, segm/AP when evaluated, and the query-uniqueness rates
+uniqueness/external_fire, external_max_prob, duplicate_rate, merged_rate, split_rate when
+TEST.UNIQUENESS.ENABLED), one line per run.
 """
 import argparse
 import os
@@ -20,7 +22,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="metrics.json files or output folders")
     p.add_argument("--output", required=True, help="PNG file to write")
     p.add_argument("--labels", nargs="+", help="one legend label per run (default: folder name)")
-    p.add_argument("--keys", nargs="+", help="metrics to plot (default: losses and APs)")
+    p.add_argument("--keys", nargs="+", help="metrics to plot (default: losses, APs, uniqueness)")
     p.add_argument("--aux", action="store_true", help="also plot deep-supervision terms")
     p.add_argument("--log", action="store_true", help="logarithmic y axis for losses")
     p.add_argument("--columns", type=int, default=4, help="panels per row")

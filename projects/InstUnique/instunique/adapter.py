@@ -6,7 +6,7 @@ embeddings F, query embeddings e, class logits p, and the base loss as a functio
 """
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from detectron2.structures import ImageList
@@ -83,6 +83,38 @@ class SegmenterAdapter(ABC):
         """A raw output structure for ``base_losses`` holding only a final layer whose
         class logits are (B, Q, K+1) and whose masks are ``e . F`` of the given query
         embeddings (B, Q, C) and pixel embeddings (B, C, H_f, W_f)."""
+
+    def batch_slice(self, raw: Dict, start: int, stop: int) -> Dict:
+        """The raw output structure of images ``start:stop`` of the batch (e.g. to give the
+        base loss only the views x). The default slices every tensor of the (nested dict /
+        list / tuple) structure along dim 0: override it if a segmenter's raw output holds
+        tensors that are not batch-first."""
+        return _slice_batch(raw, start, stop)
+
+    def query_scores(self, class_logits: torch.Tensor) -> torch.Tensor:
+        """(B, Q) confidence of each query, its best class score: the softmax over the
+        K + 1 logits, the last being "no object" (Mask2Former's convention). A segmenter
+        with other class logits (sigmoid scores, no "no object" class) overrides it."""
+        return class_logits.float().softmax(-1)[..., :-1].max(-1).values
+
+    def watch_inference(
+        self, callback: Callable[[SegmenterOutputs], None]
+    ) -> Optional[torch.utils.hooks.RemovableHandle]:
+        """Have ``callback`` receive the SegmenterOutputs of every inference (eval-mode)
+        forward of the model, so an evaluator reads them without a second forward.
+        Returns the hook's handle (``.remove()`` it when done), or None where the adapter
+        cannot watch (the default): the caller then runs ``forward_train`` itself."""
+        return None
+
+
+def _slice_batch(raw, start: int, stop: int):
+    if isinstance(raw, torch.Tensor):
+        return raw[start:stop]
+    if isinstance(raw, dict):
+        return {k: _slice_batch(v, start, stop) for k, v in raw.items()}
+    if isinstance(raw, (list, tuple)):
+        return type(raw)(_slice_batch(v, start, stop) for v in raw)
+    return raw
 
 
 def build_adapter(model: nn.Module) -> SegmenterAdapter:

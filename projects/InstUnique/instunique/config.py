@@ -17,9 +17,34 @@ def add_instunique_config(cfg):
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED = True
     # Weight w_cross of L_cross in the total loss (Eq. 5 enters unweighted in the paper).
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.WEIGHT = 1.0
-    # Sigmoid focal loss of Alg. 1 ("Focal_Loss"): alpha and gamma of Lin et al.
+    # Which queries are scored against external pixels: "all" (Alg. 1 read literally: every
+    # query of every image) or "matched" (the official SOLOv2 and CondInst code: only the
+    # queries the base matcher assigned to an instance; the others get no Eq. 5 gradient).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.QUERIES = "all"
+    # Loss of one (query, external pixel) pair: "focal" (Alg. 1's "Focal_Loss" towards 0)
+    # or "probability" (the official CondInst code: s = sigmoid(z / TEMPERATURE) itself).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.LOSS = "focal"
+    # Sigmoid focal loss of Alg. 1 ("Focal_Loss"): alpha in [0, 1] and gamma >= 0 of Lin et
+    # al. Read by LOSS "focal" only.
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.FOCAL_ALPHA = 0.25
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.FOCAL_GAMMA = 2.0
+    # Every logit z = e . f is divided by this before the loss and the hard-negative test
+    # (> 0; Alg. 1: 1; the official CondInst code: 3, s = sigmoid(z / 3)).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.TEMPERATURE = 1.0
+    # Which pairs contribute: "none" (every pair, Alg. 1), "threshold" (only pairs whose
+    # wrong-answer probability sigmoid(z / TEMPERATURE) >= HARD_THRESHOLD: the official
+    # CondInst code) or "topk" (the TOPK hardest external pixels of each query; no source,
+    # a bounded-count alternative to the threshold).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.HARD_NEGATIVES = "none"
+    # Probability threshold of HARD_NEGATIVES "threshold", in (0, 1) (official CondInst: 0.8).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.HARD_THRESHOLD = 0.8
+    # External pixels kept per query by HARD_NEGATIVES "topk", >= 1.
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.TOPK = 64
+    # How the pair losses are averaged: "mean" over all kept (query, pixel) pairs (Alg. 1;
+    # the official CondInst mean) or "per_query" (each query's mean over its kept pixels,
+    # summed over queries and divided by the number of ground-truth masks of the batch:
+    # the base criterion's convention for its mask terms).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.NORMALIZATION = "mean"
     # Pixel embeddings sampled per image and iteration from its unpadded area: they are the
     # other images' external features in this batch and enter the memory after the loss.
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.PIXELS_PER_IMAGE = 1024
@@ -33,8 +58,13 @@ def add_instunique_config(cfg):
     # Transformation equivariance, paper Eq. 8.
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE = CN()
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED = True
-    # lambda of Alg. 1: weight of the equivariance loss.
+    # lambda of Alg. 1: weight of the equivariance loss (Alg. 1: 3; official SOLOv2: 0.3).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT = 3.0
+    # Whether view x' gets the base loss of its own besides Eq. 8 (True: DESIGN's reading,
+    # both views are real training samples) or only x does (False: the official SOLOv2
+    # code, where x' is seen through the equivariance term alone). With False, x' is
+    # still matched, without loss, where Eq. 5 or MATCHING "view" needs its matching.
+    cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW = True
     # Query<->target matching of the equivariance criterion: "recompute" (the base
     # criterion's matcher on m~ = e'.T(F), Alg. 1 literally) or "view" (the matching x'
     # got in its own base loss, so both losses agree on which query is which instance).
@@ -52,3 +82,18 @@ def add_instunique_config(cfg):
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.ROTATION_RANGE = (0.0, 60.0)
     # Scaling factor range (supp. S1: 0.5-2.0).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.SCALE_RANGE = (0.5, 2.0)
+
+    # Query-uniqueness evaluation (instunique.evaluation.QueryUniquenessEvaluator), run by
+    # train_net.py beside COCOEvaluator in --eval-only and periodic evaluation. Serves any
+    # base segmenter with an adapter, InstUnique or plain.
+    cfg.TEST.UNIQUENESS = CN()
+    cfg.TEST.UNIQUENESS.ENABLED = False
+    # Validation images are cut, in loader order, into consecutive groups of this many (per
+    # process); a query is scored against the other images of its group (>= 2).
+    cfg.TEST.UNIQUENESS.GROUP_SIZE = 8
+    # A query is confident when its best class score (the adapter's query_scores) exceeds
+    # this; only confident queries are counted (issue 10: 0.5).
+    cfg.TEST.UNIQUENESS.SCORE_THRESH = 0.5
+    # Valid pixel embeddings of each image kept as external pixels (a fixed random sample
+    # per image; 0: all). Bounds memory on large images; shapes (32 x 32 cells) keeps all.
+    cfg.TEST.UNIQUENESS.PIXELS_PER_IMAGE = 4096

@@ -16,8 +16,9 @@ _SEGMENTER = "segmenter."
 
 @META_ARCH_REGISTRY.register()
 class InstUnique(nn.Module):
-    """Training: L_base(x) + L_base(x') + w_cross L_cross + lambda L_equi, then enqueue.
-    Inference: the base segmenter's own forward, untouched.
+    """Training: L_base(x) + L_base(x') + w_cross L_cross + lambda L_equi, then enqueue
+    (without L_base(x') when ``base_loss_on_paired_view`` is False, the official SOLOv2
+    recipe). Inference: the base segmenter's own forward, untouched.
 
     The state_dict hides the ``segmenter.`` prefix, so its keys are the base model's
     (official names) plus ``memory.*``: checkpoints move freely between InstUnique and the
@@ -32,6 +33,7 @@ class InstUnique(nn.Module):
         cross_image: Optional[CrossImageLoss],
         equivariance: Optional[EquivarianceLoss],
         memory: Optional[PixelMemory],
+        base_loss_on_paired_view: bool = True,
     ):
         super().__init__()
         self.segmenter = segmenter
@@ -39,6 +41,7 @@ class InstUnique(nn.Module):
         self.cross_image = cross_image
         self.equivariance = equivariance
         self.memory = memory
+        self.base_loss_on_paired_view = base_loss_on_paired_view
         self._register_state_dict_hook(_strip_segmenter_prefix)
         self._register_load_state_dict_pre_hook(_add_segmenter_prefix)
 
@@ -70,6 +73,13 @@ class InstUnique(nn.Module):
                 gamma=iu.CROSS_IMAGE.FOCAL_GAMMA,
                 chunk_pixels=iu.CROSS_IMAGE.CHUNK_PIXELS,
                 stride=adapter.pixel_stride,
+                queries=iu.CROSS_IMAGE.QUERIES,
+                loss=iu.CROSS_IMAGE.LOSS,
+                temperature=iu.CROSS_IMAGE.TEMPERATURE,
+                hard_negatives=iu.CROSS_IMAGE.HARD_NEGATIVES,
+                hard_threshold=iu.CROSS_IMAGE.HARD_THRESHOLD,
+                topk=iu.CROSS_IMAGE.TOPK,
+                normalization=iu.CROSS_IMAGE.NORMALIZATION,
             )
             if iu.CROSS_IMAGE.MEMORY_PIXELS > 0:
                 memory = PixelMemory(iu.CROSS_IMAGE.MEMORY_PIXELS, adapter.embed_dim)
@@ -79,7 +89,8 @@ class InstUnique(nn.Module):
             eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=adapter.pixel_stride,
                                   matching=iu.EQUIVARIANCE.MATCHING,
                                   class_term=iu.EQUIVARIANCE.CLASS_TERM)
-        return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory}
+        return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory,
+                "base_loss_on_paired_view": iu.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW}
 
     @property
     def device(self):
@@ -116,7 +127,15 @@ class InstUnique(nn.Module):
         images = self.adapter.preprocess(views)
         targets = self.adapter.targets(views, images)
         outputs = self.adapter.forward_train(images)
-        losses, matching = self.adapter.base_losses(outputs.raw, targets)
+        p = len(batched_inputs)
+        if self.base_loss_on_paired_view:
+            losses, matching = self.adapter.base_losses(outputs.raw, targets)
+        else:
+            losses, matching = self.adapter.base_losses(
+                self.adapter.batch_slice(outputs.raw, 0, p), targets[:p]
+            )
+            if self._needs_paired_view_matching():
+                matching = matching + self._match_without_loss(outputs, targets, p)
 
         if self.equivariance is not None:
             warps = [x["warp"] for x in batched_inputs]
@@ -136,6 +155,23 @@ class InstUnique(nn.Module):
             if self.memory is not None:
                 self.memory.enqueue(*sampled)
         return losses
+
+    def _needs_paired_view_matching(self) -> bool:
+        """Whether a term reads the matching of the views x' (then it is computed even
+        when x' gets no base loss)."""
+        eq, cross = self.equivariance, self.cross_image
+        return (eq is not None and eq.matching == "view") or (
+            cross is not None and (cross.queries == "matched" or bool(cross.stuff_classes))
+        )
+
+    def _match_without_loss(self, outputs, targets: List[Dict], p: int):
+        """The final-layer matching of images p: (the views x') by the base criterion,
+        with no graph: its losses are discarded."""
+        with torch.no_grad():
+            raw = self.adapter.final_layer_outputs(
+                outputs.class_logits[p:], outputs.query_embeds[p:], outputs.pixel_embeds[p:]
+            )
+            return self.adapter.base_losses(raw, targets[p:])[1]
 
 
 def _image_id(x: Dict) -> int:

@@ -2,114 +2,217 @@
 
 A query of image b must fire on its own instance and on nothing in other images: its mask
 embedding e_bq is scored against external pixel embeddings f (other images of the batch
-and the memory) with logit z = e_bq . f and a sigmoid focal loss towards 0. Only the query
-side learns: f is detached. Panoptic stuff (supp. S1): a query matched to a stuff segment
-of class c has target 1 on external pixels labelled c.
+and the memory) with logit z = e_bq . f and a loss towards 0. Only the query side learns:
+f is detached. Panoptic stuff (supp. S1): a query matched to a stuff segment of class c has
+target 1 on external pixels labelled c.
+
+The paper's text leaves several choices open; each is an option here (and a config key
+under MODEL.INST_UNIQUE.CROSS_IMAGE, see config.py):
+
+- which queries are scored: "all" (Alg. 1 read literally) or "matched" (the official
+  SOLOv2 / CondInst code: only queries assigned to an instance);
+- the loss of a pair: "focal" (Alg. 1's sigmoid focal loss) or "probability" (the official
+  CondInst code: the probability s = sigmoid(z / T) itself);
+- a temperature T dividing every logit (official CondInst: 3; Alg. 1: 1);
+- hard negatives: "none" (every pair, Alg. 1), "threshold" (only pairs whose wrong-answer
+  probability sigmoid(h / T) reaches a threshold: official CondInst, 0.8) or "topk" (the k
+  hardest external pixels of each query);
+- normalisation: "mean" over the kept (query, pixel) pairs (Alg. 1, and the official
+  CondInst mean), or "per_query": each query's mean over its kept pixels, summed over
+  queries and divided by the number of ground-truth masks (the base criterion's way).
+
+"Hardness" of a pair is h = z for target 0 and h = -z for target 1 (a stuff query on a
+pixel of its class): the logit of the wrong answer. With it, every target reads as target
+0 on h, with the focal alpha weight of the original target.
 """
-from typing import List, Optional, Sequence, Tuple
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.utils import comm
 from torch import nn
 
 from ..adapter import Matching, SegmenterOutputs
 from .memory import PixelMemory
 from .sampling import sample_pixels, semantic_label_maps
 
+QUERIES = ("all", "matched")
+LOSSES = ("focal", "probability")
+HARD_NEGATIVES = ("none", "threshold", "topk")
+NORMALIZATIONS = ("mean", "per_query")
 
-def _focal_sum_and_grad(z: torch.Tensor, target: Optional[torch.Tensor],
-                        keep: Optional[torch.Tensor], alpha: float,
-                        gamma: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Summed sigmoid focal loss of logits z (R, n) over the pairs ``keep`` (0/1, None: all)
-    and its derivative dL/dz (R, n). z may be overwritten.
 
-    Closed form, so no autograd graph is kept per chunk. With p = sigmoid(z), ce the
-    binary cross-entropy, m = 1 - p_t the modulating base and a_t the alpha weight:
-    L = a_t m^gamma ce and dL/dz = a_t (gamma m^(gamma-1) dm/dz ce + m^gamma (p - t)),
-    where dm/dz = p (1 - p) (1 - 2t). ``target=None`` means all zeros (thing queries), the
-    common case, where L = (1 - alpha) p^gamma softplus(z) and
-    dL/dz = (1 - alpha) p^gamma (gamma (1 - p) softplus(z) + p): it runs in place, because
-    this elementwise work, not the matmul, is most of Eq. 5's cost on the CPU. alpha < 0
-    disables the alpha weight (a_t = 1), as in torchvision's sigmoid_focal_loss.
+class _Options(NamedTuple):
+    alpha: float  # focal alpha; < 0: no alpha weight (torchvision's convention)
+    gamma: float
+    loss: str  # one of LOSSES
+    temperature: float
+    hard_negatives: str  # one of HARD_NEGATIVES
+    hard_threshold: float
+    topk: int
+    normalization: str  # one of NORMALIZATIONS
+    num_masks: float
+    chunk: int
+
+
+def _pair_terms(h: torch.Tensor, target: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+                opts: _Options) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-query summed loss of hardness logits h (R, n) over the pairs ``keep`` (bool,
+    None: all) and its derivative dL/dz (R, n) with respect to the raw logits z. h may be
+    overwritten.
+
+    Closed form, so no autograd graph is kept per chunk. With x = h / T and p = sigmoid(x):
+    focal: L = a p^gamma softplus(x), dL/dx = a p^gamma (gamma (1 - p) softplus(x) + p),
+    with a = 1 - alpha for target 0 and alpha for target 1; probability: L = p,
+    dL/dx = p (1 - p). dL/dz = dL/dx / T, negated where the target is 1 (h = -z there).
+    The common case (target 0, T = 1) runs in place: this elementwise work, not the matmul,
+    is most of Eq. 5's cost on the CPU.
     """
-    ce = F.softplus(z)
-    if target is None:
-        p = z.sigmoid_()
-        a_t = (1 - alpha) if alpha >= 0 else 1.0
-        weight = (p.square() if gamma == 2 else p.pow(gamma)).mul_(a_t)  # a_t p^gamma
-        if keep is not None:
-            ce.mul_(keep)
-        total = torch.dot(weight.view(-1), ce.view(-1))
-        dz = torch.addcmul(p, torch.rsub(p, 1), ce, value=gamma).mul_(weight)
-        if keep is not None:
-            dz.mul_(keep)
-        return total, dz
-    p = torch.sigmoid(z)
-    ce.sub_(target * z)
-    m = p + target * (1 - 2 * p)
-    a_t = (1 - alpha) + target * (2 * alpha - 1) if alpha >= 0 else 1.0
-    m_gamma = m.pow(gamma)
-    # gamma * m^(gamma - 1) * dm/dz, written so that m = 0 gives 0 for any gamma > 0.
-    dm_term = gamma * m_gamma * (1 - 2 * target) * torch.where(m > 0, p * (1 - p) / m, 0.0)
-    loss, dz = a_t * m_gamma * ce, a_t * (dm_term * ce + m_gamma * (p - target))
+    x = h if opts.temperature == 1 else h.div_(opts.temperature)
+    if opts.loss == "focal":
+        ce = F.softplus(x)
+        p = x.sigmoid_()
+        gamma = opts.gamma
+        weight = p.square() if gamma == 2 else p.pow(gamma)  # p^gamma
+        dx = torch.addcmul(p, torch.rsub(p, 1), ce, value=gamma).mul_(weight)
+        loss = weight.mul_(ce)
+        if opts.alpha >= 0:
+            if target is None:
+                loss.mul_(1 - opts.alpha)
+                dx.mul_(1 - opts.alpha)
+            else:
+                a_t = torch.full_like(loss, 1 - opts.alpha).masked_fill_(target, opts.alpha)
+                loss.mul_(a_t)
+                dx.mul_(a_t)
+    else:
+        loss = x.sigmoid_()
+        dx = loss * torch.rsub(loss, 1)
     if keep is not None:
-        loss, dz = loss * keep, dz * keep
-    return loss.sum(), dz
+        loss.mul_(keep)
+        dx.mul_(keep)
+    if opts.temperature != 1:
+        dx.div_(opts.temperature)
+    if target is not None:
+        dx = torch.where(target, -dx, dx)
+    return loss.sum(1), dx
 
 
-class _ExternalFocal(torch.autograd.Function):
-    """Mean focal loss of every (query, external pixel) pair, computed in pixel chunks.
+class _ExternalLoss(torch.autograd.Function):
+    """Eq. 5 over every (query, external pixel) pair, computed in pixel chunks.
 
     The (R, N) logit matrix never exists whole: each chunk's gradient w.r.t. the queries
     is accumulated during the forward pass, so memory is O(R * chunk) whatever N is.
+    Per query, the summed loss and the number of kept pairs are accumulated, so both
+    normalisations are exact after the last chunk.
+
+    Top-k hard negatives stream too: a running top-k of hardness logits (R, k) and their
+    pixel indices is merged with each chunk (topk of the concatenation), so memory is
+    O(R * (k + chunk)); the loss and its gradient are computed on the survivors at the
+    end, gathering their pixel embeddings in blocks of queries.
     """
 
     @staticmethod
-    def forward(ctx, queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, alpha, gamma,
-                chunk):
+    def forward(ctx, queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, opts):
         # At least float32, whatever the inputs or an enclosing autocast: the focal loss of
         # a well-trained query is tiny on most pairs and its gradient underflows in half
         # precision (bfloat16 logits alone shift the loss by ~1e-3 relative).
         dtype = torch.promote_types(queries.dtype, torch.float32)
         q = queries.detach().to(dtype)
-        total = q.new_zeros(())
+        r = q.shape[0]
+        row_loss = q.new_zeros(r)
+        row_count = q.new_zeros(r)
         grad = torch.zeros_like(q)
-        count = q.new_zeros(())
+        need_grad = ctx.needs_input_grad[0]
         own_ids = query_ids.unique()
         stuff = query_cls >= 0
+        any_stuff = bool(stuff.any())
+        # sigmoid(h / T) >= thr  <=>  h >= T * logit(thr): one comparison on the logits.
+        cut = None
+        if opts.hard_negatives == "threshold":
+            cut = opts.temperature * math.log(opts.hard_threshold / (1 - opts.hard_threshold))
+        top = None  # running (hardness (R, k'), pixel index (R, k')) of "topk"
         with torch.autocast(device_type=q.device.type, enabled=False):
-            for start in range(0, pixels.shape[0], chunk):
-                f = pixels[start : start + chunk].to(dtype)
-                ids = pixel_ids[start : start + chunk]
+            for start in range(0, pixels.shape[0], opts.chunk):
+                f = pixels[start : start + opts.chunk].to(dtype)
+                ids = pixel_ids[start : start + opts.chunk]
+                h = q @ f.t()
                 target = None
-                if stuff.any():
-                    cls = pixel_cls[start : start + chunk]
-                    target = ((query_cls[:, None] == cls[None]) & stuff[:, None]).to(dtype)
+                if any_stuff:
+                    cls = pixel_cls[start : start + opts.chunk]
+                    target = (query_cls[:, None] == cls[None]) & stuff[:, None]
+                    h = torch.where(target, -h, h)
                 # An image's own pixels (its other view, its past entries) are not external;
                 # most chunks (the memory) hold none, and skip the mask.
                 keep = None
                 if torch.isin(ids, own_ids).any():
-                    keep = (query_ids[:, None] != ids[None]).to(dtype)
-                loss, dz = _focal_sum_and_grad(q @ f.t(), target, keep, alpha, gamma)
-                total += loss
-                if ctx.needs_input_grad[0]:
+                    keep = query_ids[:, None] != ids[None]
+                if opts.hard_negatives == "topk":
+                    if keep is not None:
+                        h.masked_fill_(~keep, -math.inf)
+                    index = torch.arange(start, start + f.shape[0], device=h.device)
+                    index = index.expand(r, -1)
+                    if top is not None:
+                        h, index = torch.cat([top[0], h], 1), torch.cat([top[1], index], 1)
+                    values, pos = h.topk(min(opts.topk, h.shape[1]), dim=1)
+                    top = (values, index.gather(1, pos))
+                    continue
+                if cut is not None:
+                    keep = h >= cut if keep is None else keep & (h >= cut)
+                loss, dz = _pair_terms(h, target, keep, opts)
+                row_loss += loss
+                row_count += f.shape[0] if keep is None else keep.sum(1)
+                if need_grad:
                     grad.addmm_(dz, f)
-                count += q.shape[0] * f.shape[0] if keep is None else keep.sum()
-        count = count.clamp(min=1.0)
-        ctx.save_for_backward(grad / count)
+            if top is not None:
+                _topk_terms(top, q, pixels, query_cls, pixel_cls, stuff, any_stuff, opts,
+                            row_loss, row_count, grad if need_grad else None)
+        if opts.normalization == "mean":
+            count = row_count.sum().clamp(min=1.0)
+            total = row_loss.sum() / count
+            grad /= count
+        else:
+            per_query = row_count.clamp(min=1.0)
+            total = (row_loss / per_query).sum() / opts.num_masks
+            grad /= per_query[:, None] * opts.num_masks
+        ctx.save_for_backward(grad)
         ctx.query_dtype = queries.dtype
-        return total / count
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_out).to(ctx.query_dtype), *([None] * 8)
+        return (grad * grad_out).to(ctx.query_dtype), *([None] * 6)
+
+
+def _topk_terms(top, q, pixels, query_cls, pixel_cls, stuff, any_stuff, opts, row_loss,
+                row_count, grad):
+    """Loss, kept-pair counts and gradient of the running top-k (see _ExternalLoss)."""
+    values, index = top  # (R, k'): -inf marks a pixel of the query's own image
+    keep = torch.isfinite(values)
+    target = None
+    if any_stuff:
+        target = (query_cls[:, None] == pixel_cls[index]) & stuff[:, None]
+    loss, dz = _pair_terms(values.masked_fill(~keep, 0.0), target, keep, opts)
+    row_loss += loss
+    row_count += keep.sum(1)
+    if grad is None:
+        return
+    # sum_k dz[r, k] f[index[r, k]] in blocks of queries: the gathered (rows, k', C)
+    # embeddings stay about as large as one chunk of logits.
+    k, c = index.shape[1], pixels.shape[1]
+    rows = max(1, (q.shape[0] * opts.chunk) // max(k * c, 1))
+    for s in range(0, q.shape[0], rows):
+        f = pixels[index[s : s + rows]].to(q.dtype)  # (rows, k', C)
+        grad[s : s + rows] += torch.einsum("rk,rkc->rc", dz[s : s + rows], f)
 
 
 def external_focal_loss(
     queries: torch.Tensor, pixels: torch.Tensor, query_ids: torch.Tensor,
     pixel_ids: torch.Tensor, query_cls: torch.Tensor, pixel_cls: torch.Tensor,
-    alpha: float = 0.25, gamma: float = 2.0, chunk: int = 0,
+    alpha: float = 0.25, gamma: float = 2.0, chunk: int = 0, *, loss: str = "focal",
+    temperature: float = 1.0, hard_negatives: str = "none", hard_threshold: float = 0.8,
+    topk: int = 1, normalization: str = "mean", num_masks: float = 1.0,
 ) -> torch.Tensor:
     """
     Args:
@@ -118,17 +221,33 @@ def external_focal_loss(
         query_ids, pixel_ids: (R,), (N,) image ids; pairs from the same image are skipped.
         query_cls: (R,) stuff class a query is matched to, -1 for none (target 0 everywhere).
         pixel_cls: (N,) ground-truth class of each pixel (-1: none).
+        alpha, gamma: focal loss parameters (alpha < 0: no alpha weight).
         chunk: external pixels scored at once; 0 picks it from the device (_auto_chunk).
+        loss, temperature, hard_negatives, hard_threshold, topk, normalization: see the
+            module docstring; ``hard_threshold`` is read with "threshold", ``topk`` with
+            "topk".
+        num_masks: divisor of the "per_query" normalisation (number of target masks).
     Returns:
-        scalar: mean sigmoid focal loss over the kept (query, pixel) pairs.
+        scalar: the normalised loss over the kept (query, pixel) pairs.
     """
     _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls)
+    _check_choice("loss", loss, LOSSES)
+    _check_choice("hard_negatives", hard_negatives, HARD_NEGATIVES)
+    _check_choice("normalization", normalization, NORMALIZATIONS)
     if pixels.shape[0] == 0 or queries.shape[0] == 0:
         return queries.sum() * 0.0
-    return _ExternalFocal.apply(
-        queries, pixels.detach(), query_ids, pixel_ids, query_cls, pixel_cls, alpha, gamma,
+    opts = _Options(
+        float(alpha), float(gamma), loss, float(temperature), hard_negatives,
+        float(hard_threshold), int(topk), normalization, float(max(num_masks, 1.0)),
         int(chunk) if chunk > 0 else _auto_chunk(queries.shape[0], queries.device),
     )
+    return _ExternalLoss.apply(queries, pixels.detach(), query_ids, pixel_ids, query_cls,
+                               pixel_cls, opts)
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"external_focal_loss: {name} must be one of {choices}, got {value!r}")
 
 
 def _auto_chunk(num_queries: int, device: torch.device) -> int:
@@ -157,14 +276,57 @@ def _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls):
             )
 
 
+_KEY = "MODEL.INST_UNIQUE.CROSS_IMAGE."
+
+
+def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
+                   hard_threshold, topk, normalization):
+    """ValueError naming the config key of the first bad option."""
+    for key, value, choices in (
+        ("QUERIES", queries, QUERIES),
+        ("LOSS", loss, LOSSES),
+        ("HARD_NEGATIVES", hard_negatives, HARD_NEGATIVES),
+        ("NORMALIZATION", normalization, NORMALIZATIONS),
+    ):
+        if value not in choices:
+            raise ValueError(f"{_KEY}{key} must be one of {choices}, got {value!r}")
+    for key, ok, rule, value in (
+        ("FOCAL_ALPHA", 0.0 <= alpha <= 1.0, "in [0, 1]", alpha),
+        ("FOCAL_GAMMA", gamma >= 0.0, ">= 0", gamma),
+        ("TEMPERATURE", temperature > 0.0, "> 0", temperature),
+        ("HARD_THRESHOLD", 0.0 < hard_threshold < 1.0, "in (0, 1)", hard_threshold),
+        ("TOPK", topk >= 1, ">= 1", topk),
+    ):
+        if not ok:
+            raise ValueError(f"{_KEY}{key} must be {rule}, got {value}")
+
+
+def _num_masks(targets: List[dict], device) -> float:
+    """Average number of target masks per process, at least 1: the base criterion's
+    divisor, so "per_query" weighs Eq. 5 like the base mask terms."""
+    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    world = comm.get_world_size()
+    if world > 1:
+        torch.distributed.all_reduce(count)
+    return max(count.item() / world, 1.0)
+
+
 class CrossImageLoss(nn.Module):
-    """Eq. 5 over a batch: every query against the other images' sampled pixels + memory."""
+    """Eq. 5 over a batch: the queries against the other images' sampled pixels + memory."""
 
     def __init__(
         self, *, weight: float, pixels_per_image: int, alpha: float, gamma: float,
         chunk_pixels: int, stride: int, stuff_classes: Sequence[int] = (),
+        queries: str = "all", loss: str = "focal", temperature: float = 1.0,
+        hard_negatives: str = "none", hard_threshold: float = 0.8, topk: int = 1,
+        normalization: str = "mean",
     ):
+        """See the module docstring for the options; a bad one raises ValueError naming
+        its MODEL.INST_UNIQUE.CROSS_IMAGE key."""
         super().__init__()
+        _check_options(alpha=alpha, gamma=gamma, queries=queries, loss=loss,
+                       temperature=temperature, hard_negatives=hard_negatives,
+                       hard_threshold=hard_threshold, topk=topk, normalization=normalization)
         self.weight = weight
         self.pixels_per_image = pixels_per_image
         self.alpha = alpha
@@ -172,6 +334,10 @@ class CrossImageLoss(nn.Module):
         self.chunk_pixels = chunk_pixels
         self.stride = stride
         self.stuff_classes = tuple(stuff_classes)
+        self.queries = queries
+        self.options = dict(loss=loss, temperature=temperature, hard_negatives=hard_negatives,
+                            hard_threshold=hard_threshold, topk=topk,
+                            normalization=normalization)
 
     def query_stuff_classes(self, targets: List[dict], matching: Matching, shape) -> torch.Tensor:
         """(B, Q): the stuff class each query is matched to, -1 for thing/unmatched queries."""
@@ -185,6 +351,14 @@ class CrossImageLoss(nn.Module):
             out[b, src[is_stuff]] = cls[is_stuff]
         return out
 
+    @staticmethod
+    def matched_queries(matching: Matching, shape, device) -> torch.Tensor:
+        """(B, Q) bool: the queries the base matcher assigned to a target."""
+        out = torch.zeros(shape, dtype=torch.bool, device=device)
+        for b, (src, _) in enumerate(matching):
+            out[b, src.to(device)] = True
+        return out
+
     def forward(
         self, outputs: SegmenterOutputs, targets: List[dict], matching: Matching,
         valid_hw: List[Tuple[int, int]], image_ids: torch.Tensor,
@@ -192,6 +366,8 @@ class CrossImageLoss(nn.Module):
     ):
         """
         Args:
+            outputs: (B images) pixel_embeds (B, C, H_f, W_f), query_embeds (B, Q, C).
+            targets, matching: the B images' targets and final-layer matching.
             valid_hw: per image, the unpadded size of its pixel-embedding grid.
             image_ids: (B,) dataset image id of every image (both views share one).
         Returns:
@@ -207,15 +383,20 @@ class CrossImageLoss(nn.Module):
         if memory is not None and len(memory) > 0:
             mem_feats, mem_cls, mem_ids = memory.contents()
             external = tuple(torch.cat(p) for p in zip(external, (mem_feats, mem_cls, mem_ids)))
+        query_embeds = outputs.query_embeds.reshape(b * q, c)
+        query_ids = image_ids.repeat_interleave(q)
+        query_cls = self.query_stuff_classes(targets, matching, (b, q)).reshape(-1)
+        if self.queries == "matched":
+            # Indexing keeps the graph: unmatched queries get exactly zero gradient.
+            rows = self.matched_queries(matching, (b, q), query_embeds.device).reshape(-1)
+            query_embeds, query_ids, query_cls = (
+                query_embeds[rows], query_ids[rows], query_cls[rows]
+            )
+        num_masks = 1.0
+        if self.options["normalization"] == "per_query":
+            num_masks = _num_masks(targets, f.device)
         loss = external_focal_loss(
-            outputs.query_embeds.reshape(b * q, c),
-            external[0],
-            image_ids.repeat_interleave(q),
-            external[2],
-            self.query_stuff_classes(targets, matching, (b, q)).reshape(-1),
-            external[1],
-            self.alpha,
-            self.gamma,
-            self.chunk_pixels,
+            query_embeds, external[0], query_ids, external[2], query_cls, external[1],
+            self.alpha, self.gamma, self.chunk_pixels, num_masks=num_masks, **self.options,
         )
         return loss * self.weight, (feats, pix_cls, pix_ids)

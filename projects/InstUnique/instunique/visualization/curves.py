@@ -1,7 +1,8 @@
 """Training curves from detectron2's ``metrics.json`` (one JSON record per line).
 
 Training lines hold ``iteration``, ``total_loss`` and every ``loss_*`` term; evaluation
-lines hold ``segm/AP`` and friends. Several runs (e.g. the baseline and InstUnique) can
+lines hold ``segm/AP`` and friends, and ``uniqueness/*`` where the query-uniqueness
+evaluator ran (TEST.UNIQUENESS.ENABLED). Several runs (e.g. the baseline and InstUnique) can
 share a figure: one panel per metric, one line per run. Drawing goes through matplotlib's
 Agg canvas directly, so no GUI backend and no global pyplot state are touched.
 """
@@ -21,6 +22,11 @@ logger = logging.getLogger(__name__)
 # Auxiliary (deep-supervision) terms end in _<decoder layer>, e.g. loss_dice_3.
 _AUX = re.compile(r"_\d+$")
 EVAL_KEYS = ("segm/AP", "bbox/AP", "panoptic_seg/PQ")
+# The query-uniqueness evaluator's rates (instunique.evaluation), in this order.
+UNIQUENESS_KEYS = (
+    "uniqueness/external_fire", "uniqueness/external_max_prob", "uniqueness/duplicate_rate",
+    "uniqueness/merged_rate", "uniqueness/split_rate",
+)
 
 
 def _is_number(value) -> bool:
@@ -58,7 +64,8 @@ def load_metrics(path: str) -> List[Dict]:
 
 
 def curve_keys(runs: Sequence[Sequence[Dict]], include_aux: bool = False) -> List[str]:
-    """Metrics worth a panel: total_loss, the loss_* terms, then evaluation APs."""
+    """Metrics worth a panel: total_loss, the loss_* terms, then evaluation APs and the
+    query-uniqueness rates."""
     present = set()
     for records in runs:
         for r in records:
@@ -67,7 +74,7 @@ def curve_keys(runs: Sequence[Sequence[Dict]], include_aux: bool = False) -> Lis
         k for k in present if k.startswith("loss_") and (include_aux or not _AUX.search(k))
     )
     head = ["total_loss"] if "total_loss" in present else []
-    return head + losses + [k for k in EVAL_KEYS if k in present]
+    return head + losses + [k for k in EVAL_KEYS + UNIQUENESS_KEYS if k in present]
 
 
 def plot_curves(
@@ -97,7 +104,9 @@ def plot_curves(
         raise ValueError(f"columns must be >= 1, got {columns}")
     keys = list(keys) if keys is not None else curve_keys(list(runs.values()))
     if not keys:
-        raise ValueError("no metric to plot: the runs hold no total_loss, loss_* or AP values")
+        raise ValueError(
+            "no metric to plot: the runs hold no total_loss, loss_*, AP or uniqueness values"
+        )
     rows = -(-len(keys) // columns)
     cols = min(len(keys), columns)
     fig = Figure(figsize=(cols * panel_size, rows * panel_size), dpi=dpi)

@@ -19,13 +19,15 @@ class Mask2FormerAdapter(SegmenterAdapter):
         return self.model.prepare_targets(batched_inputs, images)
 
     def forward_train(self, images):
-        raw = self.model.predict(images)
-        return SegmenterOutputs(
-            pixel_embeds=raw["pixel_embeds"],
-            query_embeds=raw["pred_embeds"],
-            class_logits=raw["pred_logits"],
-            raw=raw,
-        )
+        return _outputs(self.model.predict(images))
+
+    def watch_inference(self, callback):
+        # The head's output is the raw structure of Mask2Former.predict, at inference too.
+        def hook(module, inputs, raw):
+            if not module.training:
+                callback(_outputs(raw))
+
+        return self.model.sem_seg_head.register_forward_hook(hook)
 
     def base_losses(self, raw, targets, pixel_valid=None, matching=None, mask_only=False):
         return self.model.losses(
@@ -35,3 +37,12 @@ class Mask2FormerAdapter(SegmenterAdapter):
     def final_layer_outputs(self, class_logits, query_embeds, pixel_embeds):
         masks = torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)
         return {"pred_logits": class_logits, "pred_masks": masks}
+
+
+def _outputs(raw):
+    return SegmenterOutputs(
+        pixel_embeds=raw["pixel_embeds"],
+        query_embeds=raw["pred_embeds"],
+        class_logits=raw["pred_logits"],
+        raw=raw,
+    )
