@@ -82,12 +82,35 @@ STUDIES["base_blobs"] = [
     ("Mask R-CNN R18-FPN (detectron2)", MASK_RCNN_BLOBS, []),
     ("Mask2Former, shapes recipe", M2F_BLOBS, []),
     ("TRAIN_NUM_POINTS 12544", M2F_BLOBS, ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "12544"]),
-    ("large-scale jitter 0.5-2.0", M2F_BLOBS, [
+    ("TRAIN_NUM_POINTS 12544 + large-scale jitter 0.5-2.0", M2F_BLOBS, [
+        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "12544",
         "INPUT.DATASET_MAPPER_NAME", "coco_instance_lsj", "INPUT.IMAGE_SIZE", "256",
         "INPUT.MIN_SCALE", "0.5", "INPUT.MAX_SCALE", "2.0"]),
     ("heads 128 wide", M2F_BLOBS, [
         "MODEL.SEM_SEG_HEAD.CONVS_DIM", "128", "MODEL.SEM_SEG_HEAD.MASK_DIM", "128",
         "MODEL.MASK_FORMER.HIDDEN_DIM", "128"]),
+]
+# Instance-unique querying where look-alike instances crowd every image: shapes_crowd,
+# 8-20 instances per image, so 40 queries. Both configs turn the uniqueness evaluator on.
+CROWD = ["DATASETS.TRAIN", "('shapes_crowd_train',)", "DATASETS.TEST", "('shapes_crowd_val',)",
+         "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "40", "TEST.DETECTIONS_PER_IMAGE", "40"]
+CI = "MODEL.INST_UNIQUE.CROSS_IMAGE."
+# Eq. 5 as the official CondInst code: matched queries, s = sigmoid(z / 3) itself on the
+# pairs with s >= 0.8, weight 10.
+OFFICIAL_EQ5 = [CI + "QUERIES", "matched", CI + "LOSS", "probability", CI + "TEMPERATURE", "3.0",
+                CI + "HARD_NEGATIVES", "threshold", CI + "HARD_THRESHOLD", "0.8",
+                CI + "WEIGHT", "10.0"]
+# Eq. 8 as the official SOLOv2 code: no base loss on x', lambda 0.3.
+OFFICIAL_EQ8 = ["MODEL.INST_UNIQUE.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW", "False",
+                "MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.3"]
+STUDIES["uniqueness_crowd"] = [
+    ("baseline (paired views)", BASELINE, CROWD),
+    ("InstUnique (Alg. 1: all queries, mean focal, lambda 1)", INSTUNIQUE, CROWD),
+    ("official Eq. 5 + official Eq. 8", INSTUNIQUE, CROWD + OFFICIAL_EQ5 + OFFICIAL_EQ8),
+    ("official Eq. 5, lambda 1", INSTUNIQUE, CROWD + OFFICIAL_EQ5),
+    ("matched queries, per-query focal, top-64, weight 10", INSTUNIQUE, CROWD + [
+        CI + "QUERIES", "matched", CI + "NORMALIZATION", "per_query",
+        CI + "HARD_NEGATIVES", "topk", CI + "TOPK", "64", CI + "WEIGHT", "10.0"]),
 ]
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
@@ -144,6 +167,42 @@ def run_arm(config, opts, seed, out_dir, threads):
     return result
 
 
+_EVAL_ON_TRAIN = (
+    "import json, sys; sys.path.insert(0, sys.argv[2]); import train_net; "
+    "from detectron2.engine import default_argument_parser; "
+    "r = train_net.main(default_argument_parser().parse_args(sys.argv[3:])); "
+    "json.dump({k: dict(v) for k, v in r.items()}, open(sys.argv[1], 'w'))"
+)
+
+
+def train_ap(config, opts, out_dir, threads):
+    """Mask AP of a finished run's final model on its own training set (memorization gap)."""
+    path = os.path.join(out_dir, "train_eval.json")
+    if not os.path.isfile(path):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        train_set = _config_value(out_dir, "DATASETS.TRAIN")
+        cmd = [sys.executable, "-c", _EVAL_ON_TRAIN, path, ROOT, "--config-file", config,
+               "--eval-only", *opts, "OUTPUT_DIR", os.path.join(out_dir, "train_eval"),
+               "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"),
+               "DATASETS.TEST", train_set]
+        with open(os.path.join(out_dir, "train_eval.log"), "w") as log:
+            subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                           check=True)
+    with open(path) as f:
+        return json.load(f)["segm"]["AP"]
+
+
+def _config_value(out_dir, key):
+    """A key of the run's own resolved config.yaml, as a string for merge_from_list."""
+    from detectron2.config import CfgNode
+
+    with open(os.path.join(out_dir, "config.yaml")) as f:
+        node = CfgNode.load_cfg(f)
+    for part in key.split("."):
+        node = node[part]
+    return str(tuple(node))
+
+
 def mean_std(values):
     if any(math.isnan(v) for v in values):  # e.g. APl where no instance is large
         return math.nan, math.nan
@@ -187,6 +246,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per run")
     p.add_argument("--root", default="benchmarks/results/accuracy")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides for every arm")
+    p.add_argument("--train-ap", action="store_true",
+                   help="also evaluate each final model on its training set (memorization)")
     args = p.parse_args()
 
     suffix = "" if not args.opts else "_" + slug("_".join(args.opts[1::2]))
@@ -203,6 +264,8 @@ def main():
         arm, config, opts, seed = job
         out_dir = os.path.join(study_dir, slug(arm), f"seed{seed}")
         result = run_arm(config, [*opts, *args.opts], seed, out_dir, args.threads)
+        if args.train_ap:
+            result["train_AP"] = train_ap(config, [*opts, *args.opts], out_dir, args.threads)
         return arm, seed, dict(result, seed=seed)
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -210,11 +273,14 @@ def main():
 
     rows = []
     print(f"\n{args.study} study, overrides {args.opts or 'none'}; seeds {args.seeds}\n")
-    print("| arm | seeds | " + " | ".join(METRICS) + " |")
-    print("|---|---|" + "---|" * len(METRICS))
+    columns = METRICS + (["train AP"] if args.train_ap else [])
+    print("| arm | seeds | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for arm, _, _ in arms:
         runs = [r for a, _, r in results if a == arm]
         stats = {m: mean_std([r["metrics"][m] for r in runs]) for m in METRICS}
+        if args.train_ap:
+            stats["train AP"] = mean_std([r["train_AP"] for r in runs])
         losses = {k: statistics.mean(r["final_losses"].get(k, 0.0) for r in runs)
                   for k in runs[0]["final_losses"]}
         rows.append({"arm": arm, "runs": runs, "mean_std": stats, "final_losses": losses})
