@@ -78,17 +78,17 @@ STUDIES["base_shapes"] = [
     ("Mask R-CNN R18-FPN (detectron2)", MASK_RCNN_SHAPES, []),
     ("Mask2Former", M2F_SHAPES, []),
 ]
+# M2F_BLOBS is the small-data recipe (12,544 points, large-scale jitter); the arms undo its
+# changes one at a time, in the order they were found.
+SHAPES_POINTS = ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "1024"]
+NO_LSJ = ["INPUT.DATASET_MAPPER_NAME", "instance"]
 STUDIES["base_blobs"] = [
     ("Mask R-CNN R18-FPN (detectron2)", MASK_RCNN_BLOBS, []),
-    ("Mask2Former, shapes recipe", M2F_BLOBS, []),
-    ("TRAIN_NUM_POINTS 12544", M2F_BLOBS, ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "12544"]),
-    ("TRAIN_NUM_POINTS 12544 + large-scale jitter 0.5-2.0", M2F_BLOBS, [
-        "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "12544",
-        "INPUT.DATASET_MAPPER_NAME", "coco_instance_lsj", "INPUT.IMAGE_SIZE", "256",
-        "INPUT.MIN_SCALE", "0.5", "INPUT.MAX_SCALE", "2.0"]),
-    ("heads 128 wide", M2F_BLOBS, [
-        "MODEL.SEM_SEG_HEAD.CONVS_DIM", "128", "MODEL.SEM_SEG_HEAD.MASK_DIM", "128",
-        "MODEL.MASK_FORMER.HIDDEN_DIM", "128"]),
+    ("Mask2Former, shapes recipe", M2F_BLOBS, SHAPES_POINTS + NO_LSJ),
+    ("TRAIN_NUM_POINTS 12544", M2F_BLOBS, NO_LSJ),
+    ("TRAIN_NUM_POINTS 12544 + large-scale jitter 0.5-2.0", M2F_BLOBS, []),
+    ("TRAIN_NUM_POINTS 12544 + large-scale jitter + decoder dropout 0.1", M2F_BLOBS,
+     ["MODEL.MASK_FORMER.DROPOUT", "0.1"]),
 ]
 # Instance-unique querying where look-alike instances crowd every image: shapes_crowd,
 # 8-20 instances per image, so 40 queries. Both configs turn the uniqueness evaluator on.
