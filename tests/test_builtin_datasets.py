@@ -2,7 +2,6 @@
 import glob
 import json
 import os
-import threading
 
 import cv2
 import numpy as np
@@ -19,6 +18,8 @@ from instunique.data.synthetic import (
     generate_split,
     register_synthetic,
 )
+
+from utils import run_concurrently
 
 
 def _files(spec, root, split):
@@ -49,20 +50,7 @@ def test_generation_is_deterministic_and_atomic(spec, tmp_path):
     generate_split(spec, str(b), "train", 3, seed=5)
     assert _files(spec, a, "train") != _files(spec, b, "train")
     # Racing writers on a fresh root leave one complete, identical dataset and no temporary.
-    errors = []
-
-    def run():
-        try:
-            ensure_splits(spec, str(tmp_path / "race"), num_train=3, num_val=2)
-        except Exception as e:  # noqa: BLE001 - asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_concurrently(lambda: ensure_splits(spec, str(tmp_path / "race"), num_train=3, num_val=2))
     assert _files(spec, tmp_path / "race", "train") == _files(spec, a, "train")
     leftovers = glob.glob(str(tmp_path / "race" / "**" / "*.tmp*"), recursive=True)
     assert leftovers == []

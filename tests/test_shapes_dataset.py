@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 
 import cv2
 import numpy as np
@@ -25,6 +24,8 @@ from instunique.data.shapes import (
     register_shapes,
     shapes_paths,
 )
+
+from utils import run_concurrently
 
 NUM_IMAGES = 20
 SIZE = 128
@@ -225,20 +226,7 @@ def test_missing_coco_names_layout_and_registration_touches_no_disk(tmp_path):
 
 def test_concurrent_ensure_shapes_writes_one_consistent_dataset(tmp_path):
     # Two loaders racing on a fresh root (e.g. two GPU processes) must not corrupt it.
-    errors = []
-
-    def run():
-        try:
-            ensure_shapes(str(tmp_path / "race"), num_train=8, num_val=4)
-        except Exception as e:  # noqa: BLE001 - collected and asserted below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_concurrently(lambda: ensure_shapes(str(tmp_path / "race"), num_train=8, num_val=4))
     generate_shapes(str(tmp_path / "ref"), "train", 8, seed=0)
     for split, num in (("train", 8), ("val", 4)):
         coco, image_root = _load(tmp_path / "race", split)

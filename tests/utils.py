@@ -1,5 +1,6 @@
 """Helpers shared by the tests: configs, fake inputs."""
 import os
+import threading
 
 import torch
 from detectron2.config import get_cfg
@@ -19,6 +20,25 @@ def get_config(path: str, *opts):
     cfg.merge_from_file(os.path.join(CONFIGS, path))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
     return cfg
+
+
+def run_concurrently(fn, workers: int = 3):
+    """Call ``fn()`` from ``workers`` threads at once; raise the first error any raised."""
+    errors = []
+
+    def run():
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def tiny_opts():
