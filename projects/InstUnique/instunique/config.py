@@ -92,7 +92,7 @@ def add_instunique_config(cfg):
     # process); a query is scored against the other images of its group (>= 2).
     cfg.TEST.UNIQUENESS.GROUP_SIZE = 8
     # A query is confident when its best class score (the adapter's query_scores) exceeds
-    # this; only confident queries are counted (issue 10: 0.5).
+    # this; only confident queries are counted (0.5: more likely an object than not).
     cfg.TEST.UNIQUENESS.SCORE_THRESH = 0.5
     # Valid pixel embeddings of each image kept as external pixels (a fixed random sample
     # per image; 0: all). Bounds memory on large images; shapes (32 x 32 cells) keeps all.
