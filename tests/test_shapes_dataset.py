@@ -107,11 +107,12 @@ def test_coco_json_is_consistent_with_masks_and_images(root):
 
 def test_visible_masks_are_disjoint_and_large_enough(root):
     coco, _ = _load(root, "train")
+    layout = shapes._SHAPES_LAYOUT
     for instances in _masks_by_image(coco).values():
-        assert shapes._MIN_INSTANCES <= len(instances) <= shapes._MAX_INSTANCES
+        assert layout.min_instances <= len(instances) <= layout.max_instances
         stack = np.stack([m for _, m in instances])
         assert stack.sum(0).max() == 1  # every pixel belongs to at most one instance
-        assert stack.sum((1, 2)).min() >= shapes._MIN_VISIBLE_PX
+        assert stack.sum((1, 2)).min() >= layout.min_visible_px
 
 
 def test_same_class_instances_touch_and_look_alike(root):

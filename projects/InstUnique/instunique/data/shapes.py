@@ -55,7 +55,6 @@ SHAPES_COLORS = [[220, 20, 60], [0, 130, 200], [60, 180, 75], [245, 130, 48]]
 _VERSION = 3
 
 
-
 @dataclass(frozen=True)
 class _Layout:
     """How many shapes an image holds, how big, how packed and how alike."""
@@ -78,9 +77,6 @@ _SHAPES_LAYOUT = _Layout(2, 6, 24, 60, len(SHAPES_CLASSES), 0.75, 10, 80, 0.3)
 # shapes_crowd: 8-20 instances of one class and one colour per image, nearly all touching;
 # only where they are tells them apart.
 _CROWD_LAYOUT = _Layout(8, 20, 18, 30, 1, 0.95, 0, 50, 0.3)
-# Kept for the tests, which check the shapes layout.
-_MIN_INSTANCES, _MAX_INSTANCES = _SHAPES_LAYOUT.min_instances, _SHAPES_LAYOUT.max_instances
-_MIN_VISIBLE_PX = _SHAPES_LAYOUT.min_visible_px
 
 
 # ---------------------------------------------------------------------------------------
