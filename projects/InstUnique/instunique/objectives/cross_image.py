@@ -30,10 +30,10 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from detectron2.utils import comm
 from torch import nn
 
 from ..adapter import Matching, SegmenterOutputs
+from ..distributed import average_num_masks
 from .memory import PixelMemory
 from .sampling import sample_pixels, semantic_label_maps
 
@@ -301,16 +301,6 @@ def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
             raise ValueError(f"{_KEY}{key} must be {rule}, got {value}")
 
 
-def _num_masks(targets: List[dict], device) -> float:
-    """Average number of target masks per process, at least 1: the base criterion's
-    divisor, so "per_query" weighs Eq. 5 like the base mask terms."""
-    count = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
-    world = comm.get_world_size()
-    if world > 1:
-        torch.distributed.all_reduce(count)
-    return max(count.item() / world, 1.0)
-
-
 class CrossImageLoss(nn.Module):
     """Eq. 5 over a batch: the queries against the other images' sampled pixels + memory."""
 
@@ -394,7 +384,7 @@ class CrossImageLoss(nn.Module):
             )
         num_masks = 1.0
         if self.options["normalization"] == "per_query":
-            num_masks = _num_masks(targets, f.device)
+            num_masks = average_num_masks(targets, f.device)
         loss = external_focal_loss(
             query_embeds, external[0], query_ids, external[2], query_cls, external[1],
             self.alpha, self.gamma, self.chunk_pixels, num_masks=num_masks, **self.options,

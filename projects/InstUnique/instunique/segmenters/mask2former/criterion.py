@@ -14,8 +14,9 @@ from detectron2.projects.point_rend.point_features import (
     get_uncertain_point_coords_with_randomness,
     point_sample,
 )
-from detectron2.utils import comm
 from torch import Tensor, nn
+
+from ...distributed import average_num_masks
 
 _EPS = 1e-6
 _SUPPORTED_LOSSES = ("labels", "masks")
@@ -135,7 +136,7 @@ class SetCriterion(nn.Module):
         """
         self._check_targets(outputs["pred_logits"].shape[0], targets, pixel_valid)
         terms = self.losses if terms is None else [t for t in self.losses if t in terms]
-        num_masks = self._num_masks(targets, outputs["pred_logits"].device)
+        num_masks = average_num_masks(targets, outputs["pred_logits"].device)
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         if indices is None:
             indices = self.matcher(final, targets, pixel_valid)
@@ -241,17 +242,6 @@ class SetCriterion(nn.Module):
                 f"pixel_valid has shape {tuple(pixel_valid.shape)}; expected "
                 f"({batch_size}, H, W)"
             )
-
-    @staticmethod
-    def _num_masks(targets, device) -> float:
-        """Average number of target masks per process, at least 1."""
-        num_masks = torch.as_tensor(
-            float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device
-        )
-        world_size = comm.get_world_size()
-        if world_size > 1:
-            torch.distributed.all_reduce(num_masks)
-        return max(num_masks.item() / world_size, 1.0)
 
     def __repr__(self) -> str:
         matcher = repr(self.matcher).replace("\n", "\n    ")
