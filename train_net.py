@@ -15,6 +15,7 @@ from instunique import add_instunique_config
 from instunique.checkpoint import AtomicCheckpointer
 from instunique.data import InstanceViewMapper, PairedViewMapper
 from instunique.data.datasets import check_dataset, prepare_dataset
+from instunique.data.user_datasets import setup_user_datasets
 from instunique.evaluation import QueryUniquenessEvaluator
 from instunique.solver import build_optimizer
 
@@ -71,6 +72,8 @@ def setup(args):
     add_instunique_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    # DATASETS.REGISTER: the user's COCO-format data; also checks or sets NUM_CLASSES.
+    setup_user_datasets(cfg)
     cfg.freeze()
     for name in (*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST):
         check_dataset(name)

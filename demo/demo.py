@@ -1,21 +1,23 @@
 #!/usr/bin/env python
 """Pictures of InstUnique / Mask2Former predictions, in detectron2's demo conventions.
 
-    # overlays of one model
-    python demo/demo.py --config-file CFG --input a.jpg 'images/*.png' folder/ \
+    # overlays of one model, one picture per image, same size and format as the image
+    python demo/demo.py --config-file CFG --input a.jpg 'images/**/*.png' folder/ \
         --output out/ --opts MODEL.WEIGHTS model.pth
     # [image | baseline | InstUnique | ground truth] rows over a registered dataset
     python demo/demo.py --config-file CFG --dataset shapes_val --max-images 8 \
         --compare-weights baseline.pth --output out/ --opts MODEL.WEIGHTS instunique.pth
-    # one query's mask logits on its image and on two others
-    python demo/demo.py ... --query-response [--query 3] [--num-others 2]
+    # one query's mask logits on its image and on two others; a file name for --output
+    # puts the rows of all images into that one figure
+    python demo/demo.py ... --query-response [--query 3] [--num-others 2] --output fig.png
     # f(x) next to T^-1 f(T(x))
     python demo/demo.py ... --equivariance [--transform flip|crop|family]
-    # a video, frame by frame
-    python demo/demo.py --config-file CFG --video-input clip.mp4 --output out.mp4 --opts ...
+    # a video, frame by frame, written in the input's size and container
+    python demo/demo.py --config-file CFG --video-input clip.mp4 --output out/ --opts ...
 
 --opts are trailing KEY VALUE pairs for the config. With a baseline, they apply to both
-models except MODEL.WEIGHTS, which names the InstUnique model's checkpoint.
+models except MODEL.WEIGHTS, which names the InstUnique model's checkpoint. Every argument
+(configs, checkpoints, inputs, outputs) is checked before a model is built.
 """
 import argparse
 import glob
@@ -28,10 +30,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-import tqdm
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from instunique import add_instunique_config  # noqa: E402
@@ -47,13 +50,16 @@ from instunique.visualization import (  # noqa: E402
     stack_rows,
 )
 
-from predictor import Predictor, read_image  # noqa: E402
+from predictor import Predictor, check_weights  # noqa: E402
 
 logger = logging.getLogger("instunique.demo")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-# Small images (e.g. 128 px shapes) are enlarged so that labels stay legible.
-AUTO_SCALE_SIDE = 320
+# Video container -> a codec (fourcc) OpenCV's FFmpeg backend writes into it.
+VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG"}
+# Figures (several captioned panels) enlarge smaller images to this short side, so that
+# their captions stay legible; overlays and videos keep the input's size.
+FIGURE_MIN_SIDE = 320
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -63,18 +69,22 @@ def get_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", nargs="+", help="image files, glob patterns or folders")
+    src.add_argument("--input", nargs="+", help="image files, glob patterns ('**' recurses) "
+                     "or folders")
     src.add_argument("--video-input", help="a video file, processed frame by frame")
     src.add_argument("--dataset", help="a registered dataset (e.g. shapes_val): its images, "
                      "with ground truth drawn next to the predictions")
     p.add_argument("--output", required=True,
-                   help="a file (one picture) or a folder (created; one picture per input)")
+                   help="a folder (created; one picture per image, named and formatted like "
+                   "it), or a file: one picture, or one figure holding the rows of every "
+                   "image (--query-response, --equivariance, comparisons)")
     p.add_argument("--max-images", type=int, default=None,
-                   help="pictures of the first N images only")
+                   help="pictures of the first N images (or video frames) only")
     p.add_argument("--confidence-threshold", type=float, default=0.5,
                    help="minimum score of the instances drawn")
     p.add_argument("--scale", type=float, default=None, help="picture size relative to the "
-                   f"image; default enlarges images to {AUTO_SCALE_SIDE} px on the short side")
+                   "image; default 1 for overlays and videos, while figures enlarge images to "
+                   f"{FIGURE_MIN_SIDE} px on the short side")
 
     cmp = p.add_argument_group("comparison with a baseline")
     cmp.add_argument("--compare-weights", metavar="PTH",
@@ -120,6 +130,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--opts takes KEY VALUE pairs, got an odd count: {args.opts}")
 
 
+# ---------------------------------------------------------------------------- configs
+
+
 def load_config(config_file: str, opts: Sequence[str]):
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"config file not found: {config_file}")
@@ -136,77 +149,211 @@ def _without_weights(opts: Sequence[str]) -> List[str]:
     return [v for k, value in pairs if k != "MODEL.WEIGHTS" for v in (k, value)]
 
 
-def build_predictors(args: argparse.Namespace) -> List[Tuple[str, Predictor]]:
-    """[(caption, predictor)]: the main model, preceded by the baseline when one is given."""
+def model_configs(args: argparse.Namespace) -> List[Tuple[str, object]]:
+    """[(caption, cfg)]: the main model, preceded by the baseline when one is given. Their
+    checkpoints are checked here, before any model is built."""
     cfg = load_config(args.config_file, args.opts)
-    main = Predictor(cfg)
+    check_weights(cfg)
     if not (args.compare_weights or args.baseline_config):
-        return [("", main)]
+        return [("", cfg)]
     opts = _without_weights(args.opts)
     if args.compare_weights:
-        base_cfg = load_config(args.config_file, opts + ["MODEL.WEIGHTS", args.compare_weights])
+        base = load_config(args.config_file, opts + ["MODEL.WEIGHTS", args.compare_weights])
+        check_weights(base, "--compare-weights")
     else:
         weights = ["MODEL.WEIGHTS", args.baseline_weights] if args.baseline_weights else []
-        base_cfg = load_config(args.baseline_config, opts + weights)
-    return [(args.names[0], Predictor(base_cfg)), (args.names[1], main)]
+        base = load_config(args.baseline_config, opts + weights)
+        check_weights(base, "--baseline-weights" if weights else "baseline MODEL.WEIGHTS")
+    return [(args.names[0], base), (args.names[1], cfg)]
 
 
-def expand_inputs(patterns: Sequence[str]) -> List[str]:
-    """Files, glob patterns and folders (their images, sorted) -> image paths.
-
-    Raises FileNotFoundError naming a path or pattern that gives no file.
-    """
-    paths = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(
-                os.path.join(pattern, f) for f in os.listdir(pattern)
-                if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
-                                        f"folder {pattern}")
-        elif glob.has_magic(pattern):
-            found = sorted(f for f in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(f))
-            if not found:
-                raise FileNotFoundError(f"no file matches the pattern {pattern}")
-        elif os.path.isfile(pattern):
-            found = [pattern]
-        else:
-            raise FileNotFoundError(f"input not found: {pattern}")
-        paths.extend(found)
-    return paths
+# ----------------------------------------------------------------------------- inputs
 
 
 @dataclass
 class Item:
+    """An image to draw; ``name`` is its output file name relative to an output folder."""
+
     path: str
+    name: str
     dataset_dict: Optional[Dict] = None
 
 
-def _picture_paths(output: str, items: Sequence[Item]) -> List[str]:
-    """One output file per item: ``output`` itself for a single picture named like an image,
-    else files named after the inputs in the folder ``output``."""
-    if output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output):
-        if len(items) != 1:
-            raise ValueError(f"--output {output} names one file but there are {len(items)} "
+def _glob_root(pattern: str) -> str:
+    """The folder a glob pattern starts from: its components before the first wildcard."""
+    parts = pattern.split(os.sep)
+    head = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        head.append(part)
+    return os.sep.join(head) or (os.sep if pattern.startswith(os.sep) else ".")
+
+
+def _is_image_name(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def expand_inputs(patterns: Sequence[str]) -> List[Item]:
+    """Files, glob patterns ('**' matches any depth) and folders (their images, sorted) ->
+    items named by their path below the folder or the pattern's fixed part.
+
+    Raises FileNotFoundError naming a path or pattern that gives no file.
+    """
+    items = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if os.path.isdir(pattern):
+            root = pattern
+            found = sorted(os.path.join(pattern, f) for f in os.listdir(pattern)
+                           if _is_image_name(f) and os.path.isfile(os.path.join(pattern, f)))
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
+                                        f"folder {pattern}")
+        elif glob.has_magic(pattern):
+            root = _glob_root(pattern)
+            found = sorted(f for f in glob.glob(pattern, recursive=True)
+                           if os.path.isfile(f) and _is_image_name(f))
+            if not found:
+                raise FileNotFoundError(f"no image file matches the pattern {pattern}")
+        elif os.path.isfile(pattern):
+            root, found = os.path.dirname(pattern), [pattern]
+        else:
+            raise FileNotFoundError(f"input not found: {pattern}")
+        items.extend(Item(f, os.path.relpath(f, root or ".")) for f in found)
+    return items
+
+
+def _check_readable(path: str) -> None:
+    """ValueError naming ``path`` unless its header is that of an image (cheap: the pixels
+    are not decoded)."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read {path} as an image: {e}") from None
+
+
+def _read(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 BGR, EXIF orientation applied (detectron2's read_image)."""
+    try:
+        return read_image(path, format="BGR")
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read {path} as an image: {e}") from None
+
+
+def _items(args: argparse.Namespace) -> List[Item]:
+    """Every image of the source, in order (--max-images limits the pictures, not these)."""
+    if args.dataset:
+        prepare_dataset(args.dataset)
+        dicts = DatasetCatalog.get(args.dataset)
+        if not dicts:
+            raise ValueError(f"dataset {args.dataset!r} has no images")
+        return [Item(d["file_name"], os.path.basename(d["file_name"]), d) for d in dicts]
+    items = expand_inputs(args.input)
+    for item in items:
+        _check_readable(item.path)
+    return items
+
+
+def _open_video(path: str) -> cv2.VideoCapture:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video not found: {path}")
+    capture = cv2.VideoCapture(path)
+    if not capture.isOpened():
+        raise ValueError(f"cannot read {path} as a video")
+    return capture
+
+
+def _check_video(path: str) -> None:
+    """ValueError naming ``path`` unless its first frame decodes (OpenCV opens some files
+    that are not videos, e.g. a lone image file)."""
+    capture = _open_video(path)
+    try:
+        if not capture.read()[0]:
+            raise ValueError(f"cannot read {path} as a video: no frame decodes")
+    finally:
+        capture.release()
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def _is_figure(args: argparse.Namespace) -> bool:
+    """Pictures made of captioned panels rather than one overlay of the image."""
+    comparing = bool(args.compare_weights or args.baseline_config)
+    return bool(args.query_response or args.equivariance or args.dataset or comparing)
+
+
+def _names_file(output: str) -> bool:
+    return bool(os.path.splitext(output)[1]) and not os.path.isdir(output)
+
+
+def _unique(paths: Sequence[str]) -> List[str]:
+    """The paths, later duplicates renamed 'x_1.png', 'x_2.png', ..."""
+    out, used = [], set()
+    for path in paths:
+        stem, ext = os.path.splitext(path)
+        name, k = path, 1
+        while name in used:
+            name, k = f"{stem}_{k}{ext}", k + 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
+def picture_paths(args: argparse.Namespace, shown: Sequence[Item]) -> List[str]:
+    """Where the pictures of ``shown`` go: one path per item, or a single path when
+    --output names a file (a figure then stacks the rows of every item).
+
+    Raises ValueError for a file name with an unknown extension, or that cannot hold
+    several overlays.
+    """
+    output = args.output
+    if _names_file(output):
+        if not _is_image_name(output):
+            raise ValueError(f"--output {output}: unknown image extension; use one of "
+                             f"{', '.join(IMAGE_EXTENSIONS)}, or a folder (a trailing / "
+                             "makes a name with a dot one)")
+        if len(shown) > 1 and not _is_figure(args):
+            raise ValueError(f"--output {output} names one file but there are {len(shown)} "
                              "pictures to write; give a folder")
         return [output]
-    paths, used = [], set()
-    for item in items:
-        stem = os.path.splitext(os.path.basename(item.path))[0]
-        name, k = stem, 1
-        while name in used:  # same file name from different folders
-            name, k = f"{stem}_{k}", k + 1
-        used.add(name)
-        paths.append(os.path.join(output, name + ".png"))
-    return paths
+    if os.path.isfile(output):
+        raise ValueError(f"--output {output} is a file; give a folder for {len(shown)} pictures")
+    names = []
+    for item in shown:
+        stem, ext = os.path.splitext(item.name)
+        names.append(item.name if _is_image_name(item.name) else stem + ".png")
+    return [os.path.join(output, n) for n in _unique(names)]
 
 
-def _scale(args: argparse.Namespace, image: np.ndarray) -> float:
-    if args.scale is not None:
-        return args.scale
-    return max(1.0, AUTO_SCALE_SIDE / min(image.shape[:2]))
+def video_path(args: argparse.Namespace) -> str:
+    """--output as a video file: a file named there (of a known container), or the input's
+    name in that folder (as .mp4 when OpenCV cannot write the input's container)."""
+    output, source = args.output, args.video_input
+    if _names_file(output):
+        if os.path.splitext(output)[1].lower() not in VIDEO_CODECS:
+            raise ValueError(f"--output {output}: cannot write a video of that extension; use "
+                             f"one of {', '.join(VIDEO_CODECS)}, or a folder (a trailing / "
+                             "makes a name with a dot one)")
+        return output
+    if os.path.isfile(output):
+        raise ValueError(f"--output {output} is a file without a video extension")
+    stem, ext = os.path.splitext(os.path.basename(source))
+    if ext.lower() not in VIDEO_CODECS:
+        logger.info(f"OpenCV cannot write {ext or 'extension-less'} videos; writing .mp4")
+        ext = ".mp4"
+    return os.path.join(output, stem + ext)
+
+
+def _write(path: str, picture: np.ndarray) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not cv2.imwrite(path, np.ascontiguousarray(picture[:, :, ::-1])):
+        raise OSError(f"could not write the picture {path}")
+
+
+# ---------------------------------------------------------------------------- drawing
 
 
 def make_warp(kind: str, h: int, w: int, rng: np.random.Generator, cfg) -> AffineWarp:
@@ -221,8 +368,37 @@ def make_warp(kind: str, h: int, w: int, rng: np.random.Generator, cfg) -> Affin
     raise ValueError(f"unknown transform {kind!r}; use flip, crop or family")
 
 
+def describe(outputs: Dict, threshold: float) -> str:
+    """What an overlay of ``outputs`` shows, for the log."""
+    if "instances" in outputs:
+        scores = outputs["instances"].scores if outputs["instances"].has("scores") else None
+        if scores is None:
+            return f"{len(outputs['instances'])} instances drawn"
+        count = int((scores >= threshold).sum())
+        if count:
+            return f"{count} instance{'s' if count > 1 else ''} drawn"
+        if not len(scores):
+            return "nothing drawn: no instance predicted"
+        return (f"nothing drawn: no instance scores >= {threshold:.2f} "
+                f"(highest {float(scores.max()):.2f})")
+    if "panoptic_seg" in outputs:
+        return f"{len(outputs['panoptic_seg'][1])} segments drawn"
+    return f"{len(outputs['sem_seg'].argmax(0).unique())} classes drawn"
+
+
+def _shrunk(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    if image.shape[:2] == tuple(size):
+        return image
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
 class Renderer:
-    """Turns one image (and its context) into the picture of the chosen mode."""
+    """Turns one BGR image (and its context) into the RGB picture of the chosen mode.
+
+    The models answer at ``Predictor.prediction_size``: the image's size, or their input's
+    when the image is larger. Overlays paint such outputs on the full image one mask at a
+    time; the equivariance and query-response views work on the image shrunk to that size.
+    """
 
     def __init__(self, args: argparse.Namespace, predictors, metadata):
         self.args = args
@@ -230,121 +406,135 @@ class Renderer:
         self.metadata = metadata
         self.compare = len(predictors) > 1
 
+    def _scale(self, image: np.ndarray, figure: bool) -> float:
+        if self.args.scale is not None:
+            return self.args.scale
+        return max(1.0, FIGURE_MIN_SIDE / min(image.shape[:2])) if figure else 1.0
+
     def _prefix(self, name: str) -> str:
         return f"{name}: " if name else ""
 
-    def overlay(self, image: np.ndarray, dataset_dict: Optional[Dict] = None) -> np.ndarray:
-        a, scale = self.args, _scale(self.args, image)
+    def _predict(self, predictor: Predictor, image: np.ndarray) -> Dict:
+        return predictor(image, predictor.prediction_size(*image.shape[:2]))
+
+    def overlay(self, image: np.ndarray, dataset_dict: Optional[Dict] = None):
+        a, rgb = self.args, image[:, :, ::-1]
+        predictions = [(name or "prediction", self._predict(p, image))
+                       for name, p in self.predictors]
         if not self.compare and dataset_dict is None:
-            _, predictor = self.predictors[0]
-            return draw_outputs(image, predictor(image), self.metadata,
-                                a.confidence_threshold, scale)
-        predictions = [(name or "prediction", p(image)) for name, p in self.predictors]
-        return comparison_row(image, predictions, self.metadata, dataset_dict,
-                              a.confidence_threshold, scale)
+            outputs = predictions[0][1]
+            picture = draw_outputs(rgb, outputs, self.metadata, a.confidence_threshold,
+                                   self._scale(image, figure=False))
+            return picture, describe(outputs, a.confidence_threshold)
+        picture = comparison_row(rgb, predictions, self.metadata, dataset_dict,
+                                 a.confidence_threshold, self._scale(image, figure=True))
+        note = "; ".join(f"{self._prefix(name)}{describe(out, a.confidence_threshold)}"
+                         for name, out in predictions)
+        return picture, note
 
-    def equivariance(self, image: np.ndarray, index: int) -> np.ndarray:
-        a, scale = self.args, _scale(self.args, image)
-        rng = np.random.default_rng([a.seed, index])
-        warp = make_warp(a.transform, *image.shape[:2], rng, self.predictors[-1][1].cfg)
-        moved = warp.apply_image(image)
-        rows = [
-            equivariance_row(image, p(image), warp, p(moved), self.metadata,
-                             a.confidence_threshold, scale, self._prefix(name))
-            for name, p in self.predictors
-        ]
-        return stack_rows(rows)
-
-    def query_response(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        scale = _scale(self.args, images[0])
-        classes = self.metadata.get("thing_classes", None)
-        rows = []
+    def equivariance(self, image: np.ndarray, index: int):
+        a = self.args
+        rows, notes = [], []
         for name, p in self.predictors:
-            response = query_response(p.model, [p.inputs(im) for im in images], self.args.query)
-            rows.append(render_query_response(images, response, classes, scale,
+            x = _shrunk(image, p.prediction_size(*image.shape[:2]))
+            rng = np.random.default_rng([a.seed, index])
+            warp = make_warp(a.transform, *x.shape[:2], rng, p.cfg)
+            moved = warp.apply_image(x)
+            on_x, on_moved = p(x), p(moved)
+            rows.append(equivariance_row(x[:, :, ::-1], on_x, warp, on_moved, self.metadata,
+                                         a.confidence_threshold, self._scale(x, figure=True),
+                                         self._prefix(name)))
+            notes.append(f"{self._prefix(name)}f(x) {describe(on_x, a.confidence_threshold)}, "
+                         f"f(T(x)) {describe(on_moved, a.confidence_threshold)}")
+        return stack_rows(rows), "; ".join(notes)
+
+    def query_response(self, images: Sequence[np.ndarray]):
+        classes = self.metadata.get("thing_classes", None)
+        rows, notes = [], []
+        for name, p in self.predictors:
+            shown = [_shrunk(x, p.prediction_size(*x.shape[:2])) for x in images]
+            response = query_response(p.model, [p.inputs(x) for x in shown], self.args.query)
+            rgb = [x[:, :, ::-1] for x in shown]
+            rows.append(render_query_response(rgb, response, classes,
+                                              self._scale(shown[0], figure=True),
                                               self._prefix(name)))
-        return stack_rows(rows)
+            label = (classes[response.class_id] if classes and response.class_id < len(classes)
+                     else f"class {response.class_id}")
+            notes.append(f"{self._prefix(name)}query {response.query} ({label} "
+                         f"{response.score:.2f})")
+        return stack_rows(rows), "; ".join(notes)
 
 
-def _write(path: str, picture: np.ndarray) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, np.ascontiguousarray(picture[:, :, ::-1])):
-        raise OSError(f"could not write the picture {path}")
+# -------------------------------------------------------------------------------- run
 
 
-def _items(args: argparse.Namespace) -> List[Item]:
-    """Every image of the source, in order (--max-images limits the pictures, not these)."""
-    if args.dataset:
-        prepare_dataset(args.dataset)
-        dicts = DatasetCatalog.get(args.dataset)
-        if not dicts:
-            raise ValueError(f"dataset {args.dataset!r} has no images")
-        return [Item(d["file_name"], d) for d in dicts]
-    return [Item(p) for p in expand_inputs(args.input)]
-
-
-def run_images(args, renderer: Renderer, items: List[Item]) -> List[str]:
-    """One picture per item (the first --max-images); with --query-response, B, C, ... are
-    the items that follow A, wrapping around."""
+def run_images(args, renderer: Renderer, items: List[Item], outputs: List[str]) -> List[str]:
+    """One picture per item (the first --max-images), or one figure of all their rows when
+    ``outputs`` is a single file; with --query-response, B, C, ... are the items that follow
+    A, wrapping around."""
     shown = items[: args.max_images] if args.max_images is not None else items
-    outputs = _picture_paths(args.output, shown)
     num_others = min(args.num_others, len(items) - 1)
-    written = []
-    for i, (item, out) in enumerate(
-        tqdm.tqdm(list(zip(shown, outputs)), desc="demo", unit="image", disable=len(shown) < 2)
-    ):
+    single = len(outputs) == 1 and len(shown) > 1
+    rows = []
+    for i, item in enumerate(shown):
         start = time.perf_counter()
-        image = read_image(item.path)
+        image = _read(item.path)
         if args.query_response:
             others = [items[(i + k) % len(items)].path for k in range(1, num_others + 1)]
-            picture = renderer.query_response([image] + [read_image(p) for p in others])
+            picture, note = renderer.query_response([image] + [_read(p) for p in others])
         elif args.equivariance:
-            picture = renderer.equivariance(image, i)
+            picture, note = renderer.equivariance(image, i)
         else:
-            picture = renderer.overlay(image, item.dataset_dict)
-        _write(out, picture)
-        written.append(out)
-        logger.info(f"{item.path}: {out} in {time.perf_counter() - start:.2f}s")
-    return written
+            picture, note = renderer.overlay(image, item.dataset_dict)
+        out = outputs[0] if single else outputs[i]
+        if single:
+            rows.append(picture)
+        else:
+            _write(out, picture)
+        logger.info(f"[{i + 1}/{len(shown)}] {item.path}: {note} -> {out} "
+                    f"({time.perf_counter() - start:.2f}s)")
+    if single:
+        _write(outputs[0], stack_rows(rows))
+    return outputs
 
 
-def run_video(args, renderer: Renderer) -> List[str]:
-    path = args.video_input
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"video not found: {path}")
-    capture = cv2.VideoCapture(path)
-    if not capture.isOpened():
-        raise ValueError(f"cannot read {path} as a video")
-    out = args.output
-    if os.path.isdir(out) or not os.path.splitext(out)[1]:
-        out = os.path.join(out, os.path.splitext(os.path.basename(path))[0] + ".mp4")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+def run_video(args, renderer: Renderer, out: str) -> List[str]:
+    """Every frame (the first --max-images) drawn and written to ``out``, at the frame's
+    size unless the picture is a figure or --scale is given."""
+    capture = _open_video(args.video_input)
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    writer = None
+    if args.max_images is not None:
+        total = min(total or args.max_images, args.max_images)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    writer, index = None, 0
     try:
-        for index in tqdm.tqdm(range(total) if total else iter(int, 1), total=total,
-                               desc="demo", unit="frame"):
+        while total is None or index < total:
             ok, frame = capture.read()
             if not ok:
                 break
-            image = np.ascontiguousarray(frame[:, :, ::-1])
+            start = time.perf_counter()
             if args.equivariance:
-                picture = renderer.equivariance(image, index)
+                picture, note = renderer.equivariance(frame, index)
             else:
-                picture = renderer.overlay(image)
+                picture, note = renderer.overlay(frame)
             if writer is None:
                 size = (picture.shape[1], picture.shape[0])
-                writer = cv2.VideoWriter(out, cv2.VideoWriter_fourcc(*"mp4v"), fps, size)
+                fourcc = cv2.VideoWriter_fourcc(*VIDEO_CODECS[os.path.splitext(out)[1].lower()])
+                writer = cv2.VideoWriter(out, fourcc, fps, size)
                 if not writer.isOpened():
                     raise OSError(f"could not open {out} for writing a video")
             writer.write(np.ascontiguousarray(picture[:, :, ::-1]))
+            index += 1
+            logger.info(f"{args.video_input} frame {index}/{total or '?'}: {note} "
+                        f"({time.perf_counter() - start:.2f}s)")
     finally:
         capture.release()
         if writer is not None:
             writer.release()
     if writer is None:
-        raise ValueError(f"{path} holds no frame")
+        raise ValueError(f"{args.video_input} holds no frame")
+    logger.info(f"{index} frames -> {out}")
     return [out]
 
 
@@ -352,15 +542,24 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     """Run the demo; returns the paths written."""
     args = get_parser().parse_args(argv)
     _check_args(args)
-    items = None if args.video_input else _items(args)
-    predictors = build_predictors(args)
+    # Everything a user can get wrong is checked before the (slow) models are built.
+    configs = model_configs(args)
+    if args.video_input:
+        _check_video(args.video_input)
+        out = video_path(args)
+    else:
+        items = _items(args)
+        shown = items[: args.max_images] if args.max_images is not None else items
+        outputs = picture_paths(args, shown)
+
+    predictors = [(name, Predictor(cfg)) for name, cfg in configs]
     metadata = (
         MetadataCatalog.get(args.dataset) if args.dataset else predictors[-1][1].metadata
     )
     renderer = Renderer(args, predictors, metadata)
     if args.video_input:
-        return run_video(args, renderer)
-    return run_images(args, renderer, items)
+        return run_video(args, renderer, out)
+    return run_images(args, renderer, items, outputs)
 
 
 if __name__ == "__main__":

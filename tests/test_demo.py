@@ -1,7 +1,14 @@
-"""Demo pictures: sizes, content that depends on the predictions, curves, clear errors."""
+"""Demo pictures: sizes, formats, content that depends on the predictions, log lines,
+curves, clear errors before any model is built, and the README's demo commands run as
+written on checkpoints trained here."""
 import importlib.util
 import json
+import logging
 import os
+import re
+import shlex
+import shutil
+import sys
 
 import cv2
 import numpy as np
@@ -9,6 +16,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
@@ -38,11 +46,16 @@ def _load(name, path):
 
 demo = _load("instunique_demo_cli", os.path.join(ROOT, "demo", "demo.py"))
 plot_curves_cli = _load("instunique_plot_curves_cli", os.path.join(ROOT, "tools", "plot_curves.py"))
-from predictor import Predictor, read_image  # noqa: E402  (demo.py put demo/ on sys.path)
+from predictor import Predictor  # noqa: E402  (demo.py put demo/ on sys.path)
+
+sys.path.insert(0, ROOT)
+import train_net  # noqa: E402
 
 CONFIG = os.path.join(ROOT, "configs", "shapes", "instunique_mask2former_shapes.yaml")
 DATASET = "demotest_val"
 SIZE = 120  # the smallest shapes image; the model runs at 64 and answers at 120
+MODEL_SIZE = 64  # INPUT.MIN/MAX_SIZE_TEST of _opts(): figures show SIZE images at this size
+FIGURE_SIDE = 320  # figures enlarge smaller images to it
 GAP = 4
 
 
@@ -60,7 +73,7 @@ def images(tmp_path_factory):
     """Paths of 3 shapes images of 120x120 in a registered dataset with ground truth."""
     if DATASET not in DatasetCatalog.list():
         register_shapes(str(tmp_path_factory.mktemp("demo_data")), prefix="demotest",
-                        num_train=1, num_val=3, image_size=SIZE)
+                        num_train=2, num_val=3, image_size=SIZE)
     return [d["file_name"] for d in DatasetCatalog.get(DATASET)]
 
 
@@ -93,6 +106,10 @@ def _differ(a, b):
     return float(np.abs(a.astype(int) - b.astype(int)).sum(-1).astype(bool).mean())
 
 
+def _rgb(path):
+    return demo._read(path)[:, :, ::-1]
+
+
 def test_comparison_rows_with_ground_truth(images, weights, tmp_path):
     out = _run("--dataset", DATASET, "--max-images", "2", "--compare-weights", weights[0],
                "--scale", "2", "--confidence-threshold", "0", "--output", str(tmp_path),
@@ -100,7 +117,7 @@ def test_comparison_rows_with_ground_truth(images, weights, tmp_path):
     assert sorted(os.path.basename(p) for p in out) == ["000000.png", "000001.png"]
     picture = cv2.imread(out[0])[:, :, ::-1]
     image, baseline, ours, truth = _panels(picture, 4, 2 * SIZE)
-    source = read_image(images[0])
+    source = _rgb(images[0])
     assert np.array_equal(image, cv2.resize(source, (2 * SIZE, 2 * SIZE),
                                             interpolation=cv2.INTER_NEAREST))
     # Overlays are drawn, and the two models' predictions differ visibly.
@@ -108,19 +125,53 @@ def test_comparison_rows_with_ground_truth(images, weights, tmp_path):
     assert _differ(baseline, ours) > 0.1
 
 
-def test_single_model_overlay_is_the_picture(images, weights, tmp_path):
-    target = str(tmp_path / "one.png")
-    assert _run("--input", images[0], "--output", target, "--scale", "1",
-                "--confidence-threshold", "0", weights_path=weights[0]) == [target]
-    picture = cv2.imread(target)
-    assert picture.shape == (SIZE, SIZE, 3) and picture.std() > 10
+def _demo_log(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == "instunique.demo"]
+
+
+def test_overlays_follow_the_inputs_and_log_what_they_draw(images, weights, tmp_path, caplog):
+    """Recursive globs; output names, formats and sizes those of the inputs; one log line
+    per image with the number of instances drawn, or why there is none."""
+    source = _rgb(images[0])
+    inputs = tmp_path / "in"
+    (inputs / "sub" / "deeper").mkdir(parents=True)
+    cv2.imwrite(str(inputs / "a.jpg"), source[:, :, ::-1])
+    cv2.imwrite(str(inputs / "sub" / "b.png"), source[:90, :, ::-1])  # 90 x 120
+    cv2.imwrite(str(inputs / "sub" / "deeper" / "c.png"), source[:, :100, ::-1])
+    (inputs / "sub" / "notes.txt").write_text("not an image")
+
+    caplog.set_level(logging.INFO, logger="instunique.demo")
+    out_dir = tmp_path / "out"
+    out = _run("--input", str(inputs / "**" / "*.png"), str(inputs), "--output", str(out_dir),
+               "--confidence-threshold", "0", weights_path=weights[0])
+    assert out == [str(out_dir / "sub" / "b.png"), str(out_dir / "sub" / "deeper" / "c.png"),
+                   str(out_dir / "a.jpg")]
+    for path, shape, magic in zip(out, [(90, SIZE), (SIZE, 100), (SIZE, SIZE)],
+                                  [b"\x89PNG", b"\x89PNG", b"\xff\xd8\xff"]):
+        picture = cv2.imread(path)
+        assert picture.shape == (*shape, 3) and picture.std() > 10, path
+        with open(path, "rb") as f:
+            assert f.read(len(magic)) == magic, path
+    lines = _demo_log(caplog)
+    assert len(lines) == 3
+    # --confidence-threshold 0 draws every detection (TEST.DETECTIONS_PER_IMAGE of them).
+    assert all(re.search(r"\[\d/3\] .*: 8 instances drawn -> ", line) for line in lines)
+
+    caplog.clear()
+    target = str(tmp_path / "one.webp")
+    assert _run("--input", images[0], "--output", target, "--confidence-threshold", "1.01",
+                weights_path=weights[0]) == [target]
+    assert cv2.imread(target).shape == (SIZE, SIZE, 3)
+    # Nothing scores above 1: the picture is the image, and the log says why.
+    [line] = _demo_log(caplog)
+    assert re.search(r"nothing drawn: no instance scores >= 1\.01 \(highest 0\.\d\d\)", line)
 
 
 def test_query_response_reproduces_the_query_mask(images, weights):
     cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *_opts(),
                      "MODEL.WEIGHTS", weights[0])
     predictor = Predictor(cfg)
-    a, b = read_image(images[0]), read_image(images[1])
+    a, b = demo._read(images[0]), demo._read(images[1])  # BGR, as DefaultPredictor takes
     response = query_response(predictor.model, [predictor.inputs(x) for x in (a, b, a)])
     assert [m.shape for m in response.logits] == [(SIZE, SIZE)] * 3
     # The response on an image depends on that image only; on A it is the query's mask.
@@ -134,23 +185,31 @@ def test_query_response_reproduces_the_query_mask(images, weights):
     ]
     assert max(agreement) > 0.995
 
-    picture = render_query_response([a, b, a], response, ["circle", "square", "triangle", "ring"])
+    rgb = [x[:, :, ::-1] for x in (a, b, a)]
+    picture = render_query_response(rgb, response, ["circle", "square", "triangle", "ring"])
     plain, on_a, on_b, on_a_again = _panels(picture, 4, SIZE)
     assert np.array_equal(on_a, on_a_again) and _differ(on_a, on_b) > 0.05
     with pytest.raises(ValueError, match="query must be an int in \\[0, 8\\)"):
         query_response(predictor.model, [predictor.inputs(a)], query=8)
 
 
-def test_query_response_cli_on_the_base_model(images, weights, tmp_path):
-    # An InstUnique checkpoint drives a plain Mask2Former, reached without the InstUnique
-    # wrapper's adapter.
-    out = _run("--input", os.path.dirname(images[0]), "--max-images", "1", "--query-response",
-               "--num-others", "1", "--query", "2", "--scale", "1", "--output", str(tmp_path),
+def test_query_response_figure_in_one_file(images, weights, tmp_path):
+    """The README's case: several images and --output naming one file give one figure of
+    one row per image. An InstUnique checkpoint drives a plain Mask2Former here, reached
+    without the InstUnique wrapper's adapter."""
+    target = str(tmp_path / "figure.png")
+    out = _run("--input", os.path.dirname(images[0]), "--max-images", "2", "--query-response",
+               "--num-others", "1", "--query", "2", "--scale", "1", "--output", target,
                weights_path=weights[0],
                config=os.path.join(ROOT, "configs", "shapes", "mask2former_shapes.yaml"))
-    assert len(out) == 1
-    picture = cv2.imread(out[0])
-    _panels(picture, 3, SIZE)
+    assert out == [target]
+    picture = cv2.imread(target)
+    # Figures show images larger than the model's input at the input's size.
+    row = caption_height(MODEL_SIZE) + MODEL_SIZE
+    assert picture.shape[0] == 2 * row + 8  # two rows and the gap between them
+    first, second = picture[:row], picture[row + 8:]
+    _panels(first, 3, MODEL_SIZE)
+    assert _differ(first, second) > 0.1  # A is a different image in each row
 
 
 def _instances(masks, scores, classes):
@@ -222,21 +281,8 @@ def test_equivariant_predictions_give_matching_panels():
     assert _differ(_panels(row, 3, SIZE)[2], on_x) > 0.05
 
 
-def test_equivariance_cli_and_video(images, weights, tmp_path):
-    out = _run("--input", images[0], "--equivariance", "--transform", "crop", "--scale", "1",
-               "--output", str(tmp_path / "eq"), weights_path=weights[0])
-    picture = cv2.imread(out[0])
-    assert picture.shape[0] == SIZE + caption_height(SIZE) and picture.std() > 10
-
-    video = str(tmp_path / "clip.mp4")
-    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (SIZE, SIZE))
-    for path in images[:2]:
-        writer.write(cv2.imread(path))
-    writer.release()
-    out = _run("--video-input", video, "--scale", "1", "--output", str(tmp_path / "vid"),
-               weights_path=weights[0])
-    assert out == [str(tmp_path / "vid" / "clip.mp4")]
-    capture = cv2.VideoCapture(out[0])
+def _frames(path):
+    capture = cv2.VideoCapture(path)
     frames = []
     while True:
         ok, frame = capture.read()
@@ -244,7 +290,25 @@ def test_equivariance_cli_and_video(images, weights, tmp_path):
             break
         frames.append(frame)
     capture.release()
-    assert len(frames) == 2 and frames[0].shape == (SIZE, SIZE, 3)
+    return frames
+
+
+def test_video_keeps_size_and_container(images, weights, tmp_path, caplog):
+    video = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 90))
+    for path in images:
+        writer.write(cv2.resize(cv2.imread(path), (160, 90)))
+    writer.release()
+    caplog.set_level(logging.INFO, logger="instunique.demo")
+    out = _run("--video-input", video, "--max-images", "2", "--confidence-threshold", "0",
+               "--output", str(tmp_path / "vid"), weights_path=weights[0])
+    assert out == [str(tmp_path / "vid" / "clip.avi")]
+    frames = _frames(out[0])
+    assert len(frames) == 2 and frames[0].shape == (90, 160, 3)
+    lines = _demo_log(caplog)
+    assert [line.split(": ")[0] for line in lines[:2]] == [f"{video} frame 1/2",
+                                                         f"{video} frame 2/2"]
+    assert all("8 instances drawn" in line for line in lines[:2])
 
 
 def test_panoptic_outputs_take_the_panoptic_path():
@@ -274,30 +338,55 @@ def test_compose_row_sizes_and_errors():
         compose_row([panels[0], np.zeros((5, 5), np.uint8)])
 
 
-def test_bad_inputs_name_the_file(images, weights, tmp_path):
+def test_bad_arguments_fail_before_any_model_is_built(images, weights, tmp_path, monkeypatch):
+    def no_model(cfg):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(demo, "Predictor", no_model)
+    w = weights[0]
     missing = str(tmp_path / "nope.png")
-    with pytest.raises(FileNotFoundError, match="nope.png"):
-        _run("--input", missing, "--output", str(tmp_path), weights_path=weights[0])
-    with pytest.raises(FileNotFoundError, match="no file matches the pattern .*zzz"):
-        _run("--input", str(tmp_path / "*.zzz"), "--output", str(tmp_path),
-             weights_path=weights[0])
+    with pytest.raises(FileNotFoundError, match="input not found: .*nope.png"):
+        _run("--input", missing, "--output", str(tmp_path), weights_path=w)
+    with pytest.raises(FileNotFoundError, match="no image file matches the pattern .*zzz"):
+        _run("--input", str(tmp_path / "**" / "*.zzz"), "--output", str(tmp_path),
+             weights_path=w)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="in folder .*empty"):
-        _run("--input", str(tmp_path / "empty"), "--output", str(tmp_path),
-             weights_path=weights[0])
+        _run("--input", str(tmp_path / "empty"), "--output", str(tmp_path), weights_path=w)
     fake = tmp_path / "text.png"
     fake.write_text("not an image")
     with pytest.raises(ValueError, match="cannot read .*text.png as an image"):
-        _run("--input", str(fake), "--output", str(tmp_path / "o"), weights_path=weights[0])
-    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*gone.pth"):
+        _run("--input", images[0], str(fake), "--output", str(tmp_path / "o"), weights_path=w)
+    with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS: checkpoint not found: .*gone"):
         _run("--input", images[0], "--output", str(tmp_path / "o"),
              weights_path=str(tmp_path / "gone.pth"))
-    with pytest.raises(ValueError, match="names one file but there are 2 pictures"):
-        _run("--input", *images[:2], "--output", str(tmp_path / "x.png"),
-             weights_path=weights[0])
+    with pytest.raises(FileNotFoundError, match="--compare-weights: checkpoint not found"):
+        _run("--dataset", DATASET, "--compare-weights", str(tmp_path / "base.pth"),
+             "--output", str(tmp_path / "o"), weights_path=w)
+    with pytest.raises(FileNotFoundError, match="config file not found: .*absent.yaml"):
+        _run("--input", images[0], "--output", str(tmp_path / "o"), weights_path=w,
+             config=str(tmp_path / "absent.yaml"))
+    with pytest.raises(ValueError, match="names one file but there are 2 pictures to write; "
+                                         "give a folder"):
+        _run("--input", *images[:2], "--output", str(tmp_path / "x.png"), weights_path=w)
+    with pytest.raises(ValueError, match="--output .*x.gif: unknown image extension"):
+        _run("--input", images[0], "--output", str(tmp_path / "x.gif"), weights_path=w)
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ValueError, match="--output .*taken is a file; give a folder"):
+        _run("--input", images[0], "--output", str(tmp_path / "taken"), weights_path=w)
+
     with pytest.raises(FileNotFoundError, match="video not found: .*clip.avi"):
         _run("--video-input", str(tmp_path / "clip.avi"), "--output", str(tmp_path),
-             weights_path=weights[0])
+             weights_path=w)
+    with pytest.raises(ValueError, match="cannot read .*text.png as a video"):
+        _run("--video-input", str(fake), "--output", str(tmp_path), weights_path=w)
+    video = str(tmp_path / "clip.mp4")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"mp4v"), 5, (32, 32))
+    writer.write(np.zeros((32, 32, 3), np.uint8))
+    writer.release()
+    with pytest.raises(ValueError, match="--output .*out.webm: cannot write a video of that "
+                                         "extension; use one of .mp4"):
+        _run("--video-input", video, "--output", str(tmp_path / "out.webm"), weights_path=w)
 
 
 def _write_metrics(path, scale):
@@ -337,3 +426,85 @@ def test_curves_from_metrics_json(tmp_path):
     bad.write_text("hello\n[1, 2]\n")
     with pytest.raises(ValueError, match="bad.json holds no metrics record"):
         load_metrics(str(bad))
+
+
+# ------------------------------------------------------------ the README's demo commands
+
+README_SCRIPTS = {"demo/demo.py": demo.main, "tools/plot_curves.py": plot_curves_cli.main}
+
+
+def readme_commands():
+    """argv of every command of the README's "Pictures" section, its $VARIABLES expanded."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    start = text.index("\n## Pictures\n")
+    section = text[start: text.index("\n## ", start + 1)]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.S):
+        variables = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            assignment = re.match(r"([A-Z_]+)=(\S+)", line)
+            if assignment:
+                variables[assignment[1]] = assignment[2]
+            elif line.strip():
+                for name in sorted(variables, key=len, reverse=True):
+                    line = line.replace(f"${name}", variables[name])
+                assert "$" not in line, f"unknown variable in the README: {line}"
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def _train(config, dataset):
+    """Command (a) of the README, a single iteration long, in the current folder."""
+    train_net.main(default_argument_parser().parse_args([
+        "--config-file", config, "DATASETS.TRAIN", f"('{dataset}',)", "DATASETS.TEST", "()",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "1", "DATALOADER.NUM_WORKERS", "0",
+        "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", "1000",
+    ]))
+
+
+def test_readme_demo_commands_run_as_written(tmp_path, monkeypatch):
+    """Every command of the README's Pictures section, on a checkpoint trained here with
+    the config those commands name; only the dataset (shapes_val -> 2 images) differs."""
+    commands = readme_commands()
+    scripts = [c[1] for c in commands]
+    assert scripts.count("demo/demo.py") >= 5 and "tools/plot_curves.py" in scripts
+    assert all(c[0] == "python3" and c[1] in README_SCRIPTS for c in commands), commands
+
+    if "demoreadme_val" not in DatasetCatalog.list():
+        register_shapes(str(tmp_path / "data"), prefix="demoreadme", num_train=2, num_val=2,
+                        image_size=SIZE)
+    monkeypatch.chdir(tmp_path)
+    os.symlink(os.path.join(ROOT, "configs"), "configs")
+    _train("configs/shapes/instunique_mask2former_shapes.yaml", "demoreadme_train")
+    # The baseline has InstUnique's architecture: its checkpoint would load the same way.
+    shutil.copytree("output/instunique_mask2former_shapes",
+                    "output/paired_views_mask2former_shapes")
+    source = cv2.imread(DatasetCatalog.get("demoreadme_val")[0]["file_name"])
+    os.makedirs("photos/trip")
+    cv2.imwrite("photos/a.jpg", source)
+    cv2.imwrite("photos/trip/b.jpg", source[:100])
+    writer = cv2.VideoWriter("clip.avi", cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 90))
+    writer.write(cv2.resize(source, (160, 90)))
+    writer.release()
+
+    for command in commands:
+        argv = ["demoreadme_val" if a == "shapes_val" else a for a in command[2:]]
+        written = README_SCRIPTS[command[1]](argv)
+        if command[1] == "tools/plot_curves.py":
+            assert cv2.imread(written) is not None
+            continue
+        pictures = [cv2.imread(p) for p in written if not p.endswith(".avi")]
+        assert written and all(p is not None for p in pictures)
+        if "--input" in argv:
+            assert written == ["output/demo/overlays/a.jpg", "output/demo/overlays/trip/b.jpg"]
+            assert [p.shape for p in pictures] == [source.shape, source[:100].shape]
+        elif "--video-input" in argv:
+            assert written == ["output/demo/clip.avi"]
+            assert [f.shape for f in _frames(written[0])] == [(90, 160, 3)]
+        elif argv[argv.index("--output") + 1].endswith(".png"):
+            assert len(written) == 1  # one figure
+        else:
+            assert len(written) == 2  # --max-images 8 of 2 images
+            # Figures enlarge the 120 px images to 320 px, under a caption.
+            assert pictures[0].shape[0] == FIGURE_SIDE + caption_height(FIGURE_SIDE)

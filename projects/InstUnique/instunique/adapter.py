@@ -26,7 +26,9 @@ class SegmenterOutputs:
     pixel_embeds: (B, C, H_f, W_f) pixel embeddings F at ``pixel_stride`` of the padded input.
     query_embeds: (B, Q, C) mask embeddings e of the final decoder layer; mask logits are
         ``einsum('bqc,bchw->bqhw', e, F)``.
-    class_logits: (B, Q, K+1) final-layer class logits p.
+    class_logits: (B, Q, K+1) final-layer per-query logits p, in the segmenter's own layout
+        (Mask2Former: K classes + "no object"; SparseInst: K sigmoid classes + objectness);
+        only the adapter interprets them (``query_scores``, ``final_layer_outputs``).
     raw: the segmenter's own output structure (auxiliary layers included), which its base
         loss consumes.
     """
@@ -91,11 +93,16 @@ class SegmenterAdapter(ABC):
         tensors that are not batch-first."""
         return _slice_batch(raw, start, stop)
 
+    def query_predictions(self, class_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, Q) confidence of each query and (B, Q) its class: the best class of the
+        softmax over the K + 1 logits, the last being "no object" (Mask2Former's
+        convention). A segmenter with other class logits (sigmoid scores, no "no object"
+        class) overrides it."""
+        return class_logits.float().softmax(-1)[..., :-1].max(-1)
+
     def query_scores(self, class_logits: torch.Tensor) -> torch.Tensor:
-        """(B, Q) confidence of each query, its best class score: the softmax over the
-        K + 1 logits, the last being "no object" (Mask2Former's convention). A segmenter
-        with other class logits (sigmoid scores, no "no object" class) overrides it."""
-        return class_logits.float().softmax(-1)[..., :-1].max(-1).values
+        """(B, Q) confidence of each query (see ``query_predictions``)."""
+        return self.query_predictions(class_logits)[0]
 
     def watch_inference(
         self, callback: Callable[[SegmenterOutputs], None]
@@ -105,6 +112,61 @@ class SegmenterAdapter(ABC):
         Returns the hook's handle (``.remove()`` it when done), or None where the adapter
         cannot watch (the default): the caller then runs ``forward_train`` itself."""
         return None
+
+
+class MetaArchAdapter(SegmenterAdapter):
+    """An adapter for a meta-architecture of ours that exposes the training steps one by
+    one: ``preprocess_image(batched_inputs) -> ImageList``, ``prepare_targets(batched_inputs,
+    images)``, ``predict(images) -> raw`` and ``losses(raw, targets, pixel_valid, matching,
+    terms) -> (losses, matching)``. A subclass says which module's output is ``raw``
+    (``output_module``) and how ``raw`` maps to SegmenterOutputs (``outputs``)."""
+
+    @abstractmethod
+    def output_module(self) -> nn.Module:
+        """The submodule whose forward returns ``predict``'s raw structure."""
+
+    @abstractmethod
+    def outputs(self, raw: Dict) -> SegmenterOutputs:
+        """The SegmenterOutputs of a raw output structure."""
+
+    def preprocess(self, batched_inputs):
+        return self.model.preprocess_image(batched_inputs)
+
+    def targets(self, batched_inputs, images):
+        return self.model.prepare_targets(batched_inputs, images)
+
+    def forward_train(self, images):
+        return self.outputs(self.model.predict(images))
+
+    def watch_inference(self, callback):
+        def hook(module, inputs, raw):
+            if not module.training:
+                callback(self.outputs(raw))
+
+        return self.output_module().register_forward_hook(hook)
+
+    def base_losses(self, raw, targets, pixel_valid=None, matching=None, mask_only=False):
+        return self.model.losses(
+            raw, targets, pixel_valid, matching, ("masks",) if mask_only else None
+        )
+
+
+def check_targets(batch_size: int, targets: List[Dict], pixel_valid=None) -> None:
+    """Raise a ValueError unless ``targets`` are ``batch_size`` dicts of (N,) labels and
+    (N, H, W) masks, and ``pixel_valid`` (if any) is (batch_size, H, W)."""
+    if len(targets) != batch_size:
+        raise ValueError(f"got {len(targets)} targets for a batch of {batch_size} images")
+    for b, t in enumerate(targets):
+        labels, masks = t["labels"], t["masks"]
+        if masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"targets[{b}]: masks of shape {tuple(masks.shape)} do not match labels "
+                f"of shape {tuple(labels.shape)}; expected (N, H, W) and (N,)"
+            )
+    if pixel_valid is not None and (pixel_valid.dim() != 3 or len(pixel_valid) != batch_size):
+        raise ValueError(
+            f"pixel_valid has shape {tuple(pixel_valid.shape)}; expected ({batch_size}, H, W)"
+        )
 
 
 def _slice_batch(raw, start: int, stop: int):

@@ -2,11 +2,20 @@
 from detectron2.config import CfgNode as CN
 
 from .segmenters.mask2former.config import add_mask2former_config
+from .segmenters.sparseinst.config import add_sparseinst_config
 
 
 def add_instunique_config(cfg):
     """Add every key InstUnique and its base segmenters read to ``cfg`` (in place)."""
     add_mask2former_config(cfg)
+    add_sparseinst_config(cfg)
+
+    # A user's own COCO-format datasets, registered by train_net.py before anything is
+    # built (instunique/data/user_datasets.py): entries "NAME=JSON:IMAGE_ROOT", paths
+    # relative to the working directory, each registered with detectron2's
+    # register_coco_instances as NAME for DATASETS.TRAIN / TEST. With them, the segmenter's
+    # class count (e.g. MODEL.SEM_SEG_HEAD.NUM_CLASSES) may be -1: taken from the categories.
+    cfg.DATASETS.REGISTER = []
 
     cfg.MODEL.INST_UNIQUE = CN()
     # Meta-architecture of the base segmenter that InstUnique trains; inference is its own.
@@ -60,8 +69,8 @@ def add_instunique_config(cfg):
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED = True
     # lambda of Alg. 1: weight of the equivariance loss (Alg. 1: 3; official SOLOv2: 0.3).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT = 3.0
-    # Whether view x' gets the base loss of its own besides Eq. 8 (True: DESIGN's reading,
-    # both views are real training samples) or only x does (False: the official SOLOv2
+    # Whether view x' gets the base loss of its own besides Eq. 8 (True: our reading of the
+    # paper, both views are real training samples) or only x does (False: the official SOLOv2
     # code, where x' is seen through the equivariance term alone). With False, x' is
     # still matched, without loss, where Eq. 5 or MATCHING "view" needs its matching.
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW = True
@@ -70,8 +79,9 @@ def add_instunique_config(cfg):
     # got in its own base loss, so both losses agree on which query is which instance).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.MATCHING = "recompute"
     # Whether L_equi keeps the base criterion's classification term on the class logits of
-    # x' (True, DESIGN's reading) or only its mask terms (False: Alg. 1 calls
-    # criterion(transformed_mask_pred, transformed_gt_mask), masks alone).
+    # x' (True: Eq. 8 applies the base loss, class term included) or only its mask terms
+    # (False: Alg. 1 calls criterion(transformed_mask_pred, transformed_gt_mask), masks
+    # alone).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.CLASS_TERM = True
     # Transform family T (supp. S1, Table S3): any of "flip", "crop", "rotation", "scaling".
     # The main experiments use flip + crop.

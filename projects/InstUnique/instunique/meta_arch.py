@@ -203,6 +203,14 @@ def _strip_segmenter_prefix(module, state_dict, prefix, local_metadata):
         if key.startswith(prefix + _SEGMENTER):
             key = prefix + key[len(prefix + _SEGMENTER) :]
         state_dict[key] = value
+    # The modules' state-dict versions move with their keys: a loader that reads them (the
+    # official Mask2Former head renames the keys of "version 1" heads) must find them.
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        own = prefix + _SEGMENTER[:-1]
+        metadata.pop(own, None)
+        for key in [k for k in metadata if k.startswith(own + ".")]:
+            metadata[prefix + key[len(own) + 1 :]] = metadata.pop(key)
 
 
 def _add_segmenter_prefix(state_dict, prefix, *args):

@@ -10,8 +10,8 @@ Alg. 1 read literally), or the matching x' already got in L_base ("view"): then 
 must find its instance in T(F_x) exactly where it found it in F_x', and the class terms
 of the two losses never disagree about which query is an object.
 
-Whether the criterion's class term joins: the design reads "the base criterion with the
-class logits of x'" (yes); Alg. 1 hands the criterion only mask predictions and masks (no).
+Whether the criterion's class term joins: Eq. 8 applies the base loss, which also scores
+the class logits of x' (yes); Alg. 1 hands the criterion only mask predictions and masks (no).
 """
 from typing import Dict, List, Optional, Tuple
 

@@ -15,6 +15,7 @@ from detectron2.structures import BitMasks, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..transforms import AffineWarp
+from .painting import composite, fit_label_map, instance_overlay, render_drawing
 
 __all__ = [
     "caption_height",
@@ -75,10 +76,11 @@ def scale_image(image: np.ndarray, scale: float = 1.0) -> np.ndarray:
 
 
 def _visualizer_output(image: np.ndarray, scale: float, draw) -> np.ndarray:
-    # The Visualizer's figure may be off by a pixel; pin the size so panels line up.
     with _fixed_colours():
-        out = draw().get_image()
-    return _resize(np.ascontiguousarray(out[:, :, :3]), _scaled_size(image, scale))
+        drawing = render_drawing(draw())
+    out = composite(drawing, _resize(image, drawing.shape[:2], nearest=scale >= 1))
+    # The Visualizer's figure may be off by a pixel; pin the size so panels line up.
+    return _resize(out, _scaled_size(image, scale))
 
 
 def draw_outputs(
@@ -94,7 +96,8 @@ def draw_outputs(
         image: (H, W, 3) uint8 RGB, the image the outputs were predicted for.
         outputs: a detectron2 model output of one image: "panoptic_seg" (a pair
             (seg (H, W) int, segments_info)), else "instances" (pred_masks (N, H, W), scores,
-            pred_classes, pred_boxes), else "sem_seg" (K, H, W).
+            pred_classes, pred_boxes), else "sem_seg" (K, H, W). (H, W) may also be the
+            size of a resized copy of the image (e.g. the model's input): see ``painting``.
         metadata: the dataset's Metadata (class names and colours).
         confidence_threshold: instances scoring below it are not drawn.
         scale: output size relative to ``image``.
@@ -103,23 +106,23 @@ def draw_outputs(
     """
     image = check_image(image)
     vis = Visualizer(image, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
+    size = image.shape[:2]
     if "panoptic_seg" in outputs:
         seg, segments_info = outputs["panoptic_seg"]
+        seg = fit_label_map(seg.to("cpu"), size, "panoptic segments")
         return _visualizer_output(
-            image, scale, lambda: vis.draw_panoptic_seg(seg.to("cpu"), segments_info)
+            image, scale, lambda: vis.draw_panoptic_seg(seg, segments_info)
         )
     if "instances" in outputs:
         inst = outputs["instances"].to("cpu")
-        if tuple(inst.image_size) != image.shape[:2]:
-            raise ValueError(
-                f"the instances were predicted for an image of size {tuple(inst.image_size)}, "
-                f"but the image to draw on has size {image.shape[:2]}"
-            )
         if inst.has("scores"):
             inst = inst[inst.scores >= confidence_threshold]
-        return _visualizer_output(image, scale, lambda: vis.draw_instance_predictions(inst))
+        # What Visualizer.draw_instance_predictions draws, one full-size mask at a time.
+        return _visualizer_output(image, scale, lambda: vis.overlay_instances(
+            **instance_overlay(inst, size, metadata), alpha=0.5
+        ))
     if "sem_seg" in outputs:
-        labels = outputs["sem_seg"].argmax(dim=0).to("cpu")
+        labels = fit_label_map(outputs["sem_seg"].argmax(dim=0).to("cpu"), size)
         return _visualizer_output(image, scale, lambda: vis.draw_sem_seg(labels))
     raise ValueError(
         f"outputs hold none of 'panoptic_seg', 'instances', 'sem_seg'; keys: {sorted(outputs)}"

@@ -30,7 +30,8 @@ class QueryResponse:
 
     query: index of the query in A's decoder output.
     class_id: the query's most likely (non-void) class.
-    score: the probability of that class.
+    score: its confidence (the adapter's query_predictions: for Mask2Former the probability
+        of that class).
     logits: per image i, (height_i, width_i) float32 mask logits e_q . F_i at the output
         resolution of that image (its dict's "height"/"width"); logits[0] is image A.
     """
@@ -95,13 +96,13 @@ def query_response(
             sizes.append(images.image_sizes[0])
             pads.append(tuple(images.tensor.shape[-2:]))
 
-    probs = class_logits.float().softmax(-1)[:, :-1]  # (Q, K), void dropped
-    num_queries = probs.shape[0]
+    scores, classes = (v[0] for v in adapter.query_predictions(class_logits[None]))  # (Q,)
+    num_queries = scores.shape[0]
     if query is None:
-        query = int(probs.max(dim=1).values.argmax())
+        query = int(scores.argmax())
     elif not (isinstance(query, int) and 0 <= query < num_queries):
         raise ValueError(f"query must be an int in [0, {num_queries}), got {query!r}")
-    score, class_id = probs[query].max(dim=0)
+    score, class_id = scores[query], classes[query]
 
     e = embeds[query]  # (C,)
     logits = []

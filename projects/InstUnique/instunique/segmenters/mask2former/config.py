@@ -70,6 +70,12 @@ def add_mask2former_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 
+    # Add a learned projection of sine position features to the mask features F (ours; not
+    # in Mask2Former: SOLO, CondInst and SparseInst give their mask features coordinates).
+    # Lets a query tell apart touching look-alike instances; adds MASK_DIM^2 + MASK_DIM
+    # parameters (sem_seg_head.mask_position.*). Off: the official architecture.
+    cfg.MODEL.MASK_FORMER.MASK_POSITION_FEATURES = False
+
     # Point-sampled mask losses (PointRend-style importance sampling).
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0

@@ -16,6 +16,7 @@ from detectron2.projects.point_rend.point_features import (
 )
 from torch import Tensor, nn
 
+from ...adapter import check_targets
 from ...distributed import average_num_masks
 
 _EPS = 1e-6
@@ -134,7 +135,7 @@ class SetCriterion(nn.Module):
             for auxiliary output i, the same names suffixed "_i"; indices is the final
             prediction's matching, B pairs (query indices, target indices).
         """
-        self._check_targets(outputs["pred_logits"].shape[0], targets, pixel_valid)
+        check_targets(outputs["pred_logits"].shape[0], targets, pixel_valid)
         terms = self.losses if terms is None else [t for t in self.losses if t in terms]
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
@@ -225,23 +226,6 @@ class SetCriterion(nn.Module):
             self.oversample_ratio,
             self.importance_sample_ratio,
         )
-
-    @staticmethod
-    def _check_targets(batch_size: int, targets, pixel_valid: Optional[Tensor]) -> None:
-        if len(targets) != batch_size:
-            raise ValueError(f"got {len(targets)} targets for a batch of {batch_size} images")
-        for b, t in enumerate(targets):
-            labels, masks = t["labels"], t["masks"]
-            if masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
-                raise ValueError(
-                    f"targets[{b}]: masks of shape {tuple(masks.shape)} do not match labels "
-                    f"of shape {tuple(labels.shape)}; expected (N, H, W) and (N,)"
-                )
-        if pixel_valid is not None and (pixel_valid.dim() != 3 or len(pixel_valid) != batch_size):
-            raise ValueError(
-                f"pixel_valid has shape {tuple(pixel_valid.shape)}; expected "
-                f"({batch_size}, H, W)"
-            )
 
     def __repr__(self) -> str:
         matcher = repr(self.matcher).replace("\n", "\n    ")

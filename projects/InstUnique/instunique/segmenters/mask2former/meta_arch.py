@@ -4,19 +4,20 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import ImageList
+from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
 from .criterion import SetCriterion
+from .head import build_mask2former_head
 from .inference import instance_inference
 from .matcher import HungarianMatcher
 
 
 @META_ARCH_REGISTRY.register()
 class Mask2Former(nn.Module):
-    """Backbone -> MaskFormerHead -> set criterion (training) or instance inference.
+    """Backbone -> InstUniqueMaskFormerHead -> set criterion (training) or instance inference.
 
     Submodule names are the official ones (``backbone``, ``sem_seg_head``, ``criterion``),
     so the official model-zoo checkpoints load with no missing or unexpected keys.
@@ -55,7 +56,7 @@ class Mask2Former(nn.Module):
                 "(INSTANCE_ON=True, SEMANTIC_ON=False, PANOPTIC_ON=False)"
             )
         backbone = build_backbone(cfg)
-        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        sem_seg_head = build_mask2former_head(cfg, backbone.output_shape())
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
@@ -78,12 +79,16 @@ class Mask2Former(nn.Module):
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
-        """Per image: ``labels`` (N,) and ``masks`` (N, H_pad, W_pad) padded like the image."""
+        """Per image: ``labels`` (N,) and bool ``masks`` (N, H_pad, W_pad) padded like the image.
+
+        ``gt_masks`` may be BitMasks (detectron2's mappers, ours) or a plain (N, H, W) tensor
+        of any dtype, non-zero meaning foreground (the official Mask2Former mappers).
+        """
         h_pad, w_pad = images.tensor.shape[-2:]
         targets = []
-        for x in batched_inputs:
+        for i, x in enumerate(batched_inputs):
             inst = x["instances"].to(self.device)
-            masks = inst.gt_masks.tensor if hasattr(inst, "gt_masks") else torch.zeros(
+            masks = _mask_tensor(inst, i) if inst.has("gt_masks") else torch.zeros(
                 (len(inst), *inst.image_size), dtype=torch.bool, device=self.device
             )
             padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
@@ -92,7 +97,7 @@ class Mask2Former(nn.Module):
         return targets
 
     def predict(self, images: ImageList) -> Dict:
-        """Raw head outputs for a padded batch (see ``MaskFormerHead.forward``)."""
+        """Raw head outputs for a padded batch (see ``InstUniqueMaskFormerHead.forward``)."""
         return self.sem_seg_head(self.backbone(images.tensor))
 
     def losses(self, outputs: Dict, targets: List[Dict], pixel_valid=None, matching=None,
@@ -137,6 +142,24 @@ class Mask2Former(nn.Module):
                 )}
             )
         return results
+
+
+def _mask_tensor(inst, index: int) -> torch.Tensor:
+    """(N, H, W) bool masks of ``inst.gt_masks``, or a ValueError naming batch item ``index``."""
+    masks = inst.gt_masks
+    if isinstance(masks, BitMasks):
+        return masks.tensor
+    if not isinstance(masks, torch.Tensor):
+        raise ValueError(
+            f"batched_inputs[{index}]['instances'].gt_masks must be BitMasks or an (N, H, W) "
+            f"tensor, got {type(masks).__name__}"
+        )
+    if masks.dim() != 3 or masks.shape[0] != len(inst):
+        raise ValueError(
+            f"batched_inputs[{index}]['instances'].gt_masks has shape {tuple(masks.shape)}; "
+            f"expected ({len(inst)}, H, W), one mask per instance"
+        )
+    return masks != 0
 
 
 def build_criterion(cfg) -> SetCriterion:

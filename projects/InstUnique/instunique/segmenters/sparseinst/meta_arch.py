@@ -1,0 +1,171 @@
+"""The SparseInst meta-architecture (Cheng et al., "Sparse Instance Activation for
+Real-Time Instance Segmentation", CVPR 2022)."""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import BitMasks, ImageList, PolygonMasks
+from torch import nn
+
+from .criterion import build_sparseinst_criterion
+from .decoder import build_sparseinst_decoder
+from .encoder import build_sparseinst_encoder
+from .inference import sparseinst_inference
+from .registry import lookup
+
+# The encoder's top-down path doubles stride-32 maps to stride 16 and 8: inputs padded to
+# a multiple of 32 keep the levels aligned (the official code pads to 32 too).
+_MIN_SIZE_DIVISIBILITY = 32
+
+
+@META_ARCH_REGISTRY.register()
+class SparseInst(nn.Module):
+    """Backbone -> instance context encoder -> IAM decoder -> criterion (training) or
+    thresholded, NMS-free inference.
+
+    Submodule names are the official ones (``backbone``, ``encoder``, ``decoder``,
+    ``criterion``), so the official model-zoo checkpoints load with no missing or
+    unexpected keys. The device is that of the parameters, never read from the config.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        criterion: nn.Module,
+        num_classes: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        cls_threshold: float,
+        mask_threshold: float,
+        max_detections: int,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = encoder
+        self.decoder = decoder
+        self.criterion = criterion
+        self.num_classes = num_classes
+        self.size_divisibility = max(_MIN_SIZE_DIVISIBILITY, backbone.size_divisibility)
+        self.cls_threshold = cls_threshold
+        self.mask_threshold = mask_threshold
+        self.max_detections = max_detections
+        # Not saved: the official checkpoints do not hold them.
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        lookup(BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME, "MODEL.BACKBONE.NAME")
+        backbone = build_backbone(cfg)
+        si = cfg.MODEL.SPARSE_INST
+        return {
+            "backbone": backbone,
+            "encoder": build_sparseinst_encoder(cfg, backbone.output_shape()),
+            "decoder": build_sparseinst_decoder(cfg),
+            "criterion": build_sparseinst_criterion(cfg),
+            "num_classes": si.DECODER.NUM_CLASSES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "cls_threshold": si.CLS_THRESHOLD,
+            "mask_threshold": si.MASK_THRESHOLD,
+            "max_detections": si.MAX_DETECTIONS,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalized images padded to a common size divisible by 32."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        """Per image: ``labels`` (M,) and ``masks`` (M, H_pad, W_pad) bool, padded like the
+        image. ``gt_masks`` may be BitMasks, PolygonMasks or an (M, H, W) bool tensor."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            inst = x["instances"]
+            where = f"image_id {x.get('image_id', '?')!r}"
+            labels = inst.gt_classes
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+                raise ValueError(
+                    f"{where}: gt_classes {labels.tolist()} outside [0, {self.num_classes}) "
+                    f"(MODEL.SPARSE_INST.DECODER.NUM_CLASSES)"
+                )
+            masks = _mask_tensor(inst, (h, w), where)
+            padded = torch.zeros((len(masks), h_pad, w_pad), dtype=torch.bool, device=self.device)
+            padded[:, :h, :w] = masks.to(self.device)
+            targets.append({"labels": labels.to(self.device), "masks": padded})
+        return targets
+
+    def predict(self, images: ImageList) -> Dict[str, torch.Tensor]:
+        """Raw decoder outputs of a padded batch (see ``GroupIAMDecoder.forward``)."""
+        return self.decoder(self.encoder(self.backbone(images.tensor)))
+
+    def losses(self, outputs: Dict, targets: List[Dict], pixel_valid=None, matching=None,
+               terms: Optional[Sequence[str]] = None):
+        """Weighted losses and the matching (``matching``, when given, is used instead of
+        the matcher's; ``terms`` restricts the criterion's terms, e.g. to ``("masks",)``)."""
+        return self.criterion(outputs, targets, pixel_valid, matching, terms)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: detectron2 dicts with "image" (3, H, W) and, in training,
+                "instances"; "height"/"width" give the output resolution at inference.
+        Returns:
+            training: a dict of losses; inference: a list of {"instances": Instances}.
+        """
+        images = self.preprocess_image(batched_inputs)
+        outputs = self.predict(images)
+        if self.training:
+            return self.losses(outputs, self.prepare_targets(batched_inputs, images))[0]
+        return self.inference(outputs, batched_inputs, images)
+
+    def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList):
+        padded = tuple(images.tensor.shape[-2:])
+        results = []
+        for b, (x, size) in enumerate(zip(batched_inputs, images.image_sizes)):
+            output_size = (x.get("height", size[0]), x.get("width", size[1]))
+            results.append({"instances": sparseinst_inference(
+                outputs["pred_logits"][b], outputs["pred_scores"][b], outputs["pred_masks"][b],
+                size, padded, output_size, self.cls_threshold, self.mask_threshold,
+                self.max_detections,
+            )})
+        return results
+
+
+def _mask_tensor(inst, size, where: str) -> torch.Tensor:
+    """(M, h, w) bool masks of an image's Instances, whatever their container."""
+    h, w = size
+    if not inst.has("gt_masks"):
+        if len(inst):
+            raise ValueError(f"{where}: {len(inst)} instances without gt_masks")
+        return torch.zeros((0, h, w), dtype=torch.bool)
+    gt = inst.gt_masks
+    if isinstance(gt, PolygonMasks):
+        masks = BitMasks.from_polygon_masks(gt, h, w).tensor if len(gt) else torch.zeros(
+            (0, h, w), dtype=torch.bool)
+    elif isinstance(gt, BitMasks):
+        masks = gt.tensor
+    elif isinstance(gt, torch.Tensor) and gt.dim() == 3:
+        masks = gt.bool()
+    else:
+        raise ValueError(
+            f"{where}: gt_masks must be BitMasks, PolygonMasks or an (M, H, W) tensor, got "
+            f"{type(gt).__name__}"
+        )
+    if tuple(masks.shape[-2:]) != (h, w) or len(masks) != len(inst):
+        raise ValueError(
+            f"{where}: gt_masks of shape {tuple(masks.shape)} do not fit {len(inst)} "
+            f"instances of an image of size {(h, w)}"
+        )
+    return masks
