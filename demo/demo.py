@@ -39,6 +39,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from instunique import add_instunique_config  # noqa: E402
 from instunique.data.datasets import prepare_dataset  # noqa: E402
+from instunique.data.user_datasets import setup_user_datasets  # noqa: E402
 from instunique.transforms import AffineWarp, TransformFamily  # noqa: E402
 from instunique.transforms.build import build_transform_family  # noqa: E402
 from instunique.visualization import (  # noqa: E402
@@ -140,6 +141,8 @@ def load_config(config_file: str, opts: Sequence[str]):
     add_instunique_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    # DATASETS.REGISTER: a user's own data names its classes (and may set NUM_CLASSES -1).
+    setup_user_datasets(cfg)
     cfg.freeze()
     return cfg
 
