@@ -8,7 +8,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from utils import CONFIGS, DATA, fake_pair, fake_view, get_config, tiny_opts
+from utils import CONFIGS, DATA, fake_pair, fake_view, get_config, tiny_opts, train_step
 
 ALL_CONFIGS = sorted(
     os.path.relpath(p, CONFIGS)
@@ -43,15 +43,6 @@ def test_state_dict_matches_official_reference():
         assert ours == reference, path
 
 
-def _train_step(model, batch):
-    model.train()
-    with EventStorage():
-        losses = model(batch)
-    assert all(torch.isfinite(v) for v in losses.values()), losses
-    sum(losses.values()).backward()
-    return losses
-
-
 @pytest.mark.parametrize("meta", ["mask2former", "instunique"])
 def test_forward_backward_odd_sizes_and_empty_image(meta):
     cfg = get_config(f"shapes/{meta}_mask2former_shapes.yaml" if meta == "instunique"
@@ -62,7 +53,7 @@ def test_forward_backward_odd_sizes_and_empty_image(meta):
         batch = [fake_pair(67, 95, 3, 0, 1), fake_pair(81, 53, 0, 1, 2)]
     else:
         batch = [fake_view(67, 95, 3, 0), fake_view(81, 53, 0, 1)]
-    losses = _train_step(model, batch)
+    losses = train_step(model, batch)
     assert {"loss_ce", "loss_mask", "loss_dice"} <= set(losses)
     if meta == "instunique":
         extra = {"loss_cross_image", "loss_equi_ce", "loss_equi_mask", "loss_equi_dice"}
@@ -81,7 +72,7 @@ def test_forward_backward_odd_sizes_and_empty_image(meta):
 def test_all_empty_batch_trains():
     cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts())
     model = build_model(cfg)
-    losses = _train_step(model, [fake_pair(64, 64, 0, 0, 1), fake_pair(64, 64, 0, 1, 2)])
+    losses = train_step(model, [fake_pair(64, 64, 0, 0, 1), fake_pair(64, 64, 0, 1, 2)])
     assert float(losses["loss_mask"]) == 0.0
 
 
@@ -89,7 +80,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts())
     torch.manual_seed(0)
     model = build_model(cfg)
-    _train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])  # fill memory
+    train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])  # fill memory
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt")
 
     torch.manual_seed(1)
@@ -111,7 +102,7 @@ def test_instunique_inference_equals_base_model_bit_for_bit(tmp_path):
     cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts())
     torch.manual_seed(0)
     model = build_model(cfg)
-    _train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])
+    train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt")
 
     base_cfg = get_config("shapes/mask2former_shapes.yaml", *tiny_opts())
@@ -197,7 +188,7 @@ def test_paired_view_matching_without_its_loss(opts, monkeypatch):
         return base_losses(raw, targets, *args, **kwargs)
 
     monkeypatch.setattr(model.adapter, "base_losses", spy)
-    losses = _train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])
+    losses = train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])
     # x (with grad), x' matching (no grad), then Eq. 8 on x' (with grad).
     assert calls == [(2, True), (2, False), (2, True)]
     assert {"loss_cross_image", "loss_equi_mask"} <= set(losses)

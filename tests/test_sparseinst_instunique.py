@@ -11,7 +11,6 @@ from detectron2.data import build_detection_test_loader
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
-from detectron2.utils.events import EventStorage
 
 from instunique.data.shapes import register_shapes
 from instunique.evaluation import QueryUniquenessEvaluator
@@ -19,7 +18,7 @@ from instunique.objectives import EquivarianceLoss
 from instunique.transforms import AffineWarp
 from instunique.visualization import query_response
 
-from utils import CONFIGS, ROOT, fake_pair, fake_view, get_config
+from utils import CONFIGS, ROOT, fake_pair, fake_view, get_config, train_step
 
 sys.path.insert(0, ROOT)
 import train_net  # noqa: E402
@@ -28,19 +27,10 @@ BASE = "shapes/sparseinst_shapes.yaml"
 INSTUNIQUE = "shapes/instunique_sparseinst_shapes.yaml"
 
 
-def _train_step(model, batch):
-    model.train()
-    with EventStorage():
-        losses = model(batch)
-    assert all(torch.isfinite(v) for v in losses.values()), losses
-    sum(losses.values()).backward()
-    return losses
-
-
 def test_instunique_inference_equals_base_model_bit_for_bit(tmp_path):
     torch.manual_seed(0)
     model = build_model(get_config(INSTUNIQUE))
-    losses = _train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])
+    losses = train_step(model, [fake_pair(64, 64, 2, 0, 1), fake_pair(64, 64, 1, 1, 2)])
     assert {"loss_cross_image", "loss_equi_mask", "loss_equi_dice"} <= set(losses)
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("ckpt")
 

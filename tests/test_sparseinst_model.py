@@ -8,13 +8,12 @@ import yaml
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances, PolygonMasks
-from detectron2.utils.events import EventStorage
 
 from instunique.segmenters.sparseinst.config import add_sparseinst_config
 from instunique.segmenters.sparseinst.decoder import GroupInstanceBranch, kernel_masks
 from instunique.segmenters.sparseinst.inference import sparseinst_inference
 
-from utils import DATA, fake_view, get_config
+from utils import DATA, fake_view, get_config, train_step
 
 R50 = "coco/instance-segmentation/sparseinst_R50_giam.yaml"
 SHAPES = "shapes/sparseinst_shapes.yaml"
@@ -25,15 +24,6 @@ def read_reference(name):
         rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
     return {k: tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
             for k, shape, _ in rows}
-
-
-def _train_step(model, batch):
-    model.train()
-    with EventStorage():
-        losses = model(batch)
-    assert all(torch.isfinite(v) for v in losses.values()), losses
-    sum(losses.values()).backward()
-    return losses
 
 
 def test_state_dict_matches_official_reference():
@@ -104,7 +94,7 @@ def test_forward_backward_odd_sizes_and_empty_image():
     torch.manual_seed(0)
     model = build_model(cfg)
     batch = [fake_view(67, 95, 3, 0), fake_view(81, 53, 0, 1)]
-    losses = _train_step(model, batch)
+    losses = train_step(model, batch)
     assert set(losses) == {"loss_ce", "loss_objectness", "loss_dice", "loss_mask"}
     assert all(v > 0 for v in losses.values())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,7 +125,7 @@ def test_forward_backward_odd_sizes_and_empty_image():
 
 def test_all_empty_batch_trains():
     model = build_model(get_config(SHAPES))
-    losses = _train_step(model, [fake_view(64, 64, 0, 0), fake_view(64, 64, 0, 1)])
+    losses = train_step(model, [fake_view(64, 64, 0, 0), fake_view(64, 64, 0, 1)])
     assert losses["loss_ce"] > 0
     for key in ("loss_mask", "loss_dice", "loss_objectness"):
         assert losses[key].detach().item() == 0.0

@@ -5,6 +5,7 @@ import threading
 import torch
 from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Instances
+from detectron2.utils.events import EventStorage
 
 from instunique import add_instunique_config
 from instunique.transforms import AffineWarp
@@ -39,6 +40,16 @@ def run_concurrently(fn, workers: int = 3):
         t.join()
     if errors:
         raise errors[0]
+
+
+def train_step(model, batch):
+    """One training forward + backward; asserts every loss is finite, returns the losses."""
+    model.train()
+    with EventStorage():
+        losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    sum(losses.values()).backward()
+    return losses
 
 
 def tiny_opts():
