@@ -136,3 +136,17 @@ def test_bad_gt_masks_name_the_batch_item():
     with pytest.raises(ValueError, match=r"gt_masks has shape \(2, 1024\); expected \(2, H, W\)"):
         targets({**x, "instances": flat})
     assert targets(x)[0]["masks"].dtype == torch.bool
+
+
+def test_weights_with_a_loader_option_load_and_a_missing_file_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(get_config("shapes/mask2former_shapes.yaml", *tiny_opts()))
+    path = str(tmp_path / "w.pth")
+    torch.save({"model": {"backbone." + k: v for k, v in model.backbone.state_dict().items()}},
+               path)
+    other = build_model(get_config("shapes/mask2former_shapes.yaml", *tiny_opts()))
+    AtomicCheckpointer(other).load(path + "?matching_heuristics=True")
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(other.backbone.state_dict()[key], value), key
+    with pytest.raises(FileNotFoundError, match=r"not found: .*missing\.pth$"):
+        AtomicCheckpointer(other).load(str(tmp_path / "missing.pth") + "?matching_heuristics=True")

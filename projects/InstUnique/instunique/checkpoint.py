@@ -38,7 +38,9 @@ class AtomicCheckpointer(DetectionCheckpointer):
         _atomic_write(path, lambda f: f.write(last_filename_basename), "w")
 
     def load(self, path: str, *args, **kwargs):
-        # A missing local file would otherwise be skipped with only a log line.
-        if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint file not found: {path}")
+        # A missing local file would otherwise be skipped with only a log line. A query
+        # ("x.pth?matching_heuristics=True") is an option for detectron2's loader.
+        local = path.split("?", 1)[0]
+        if path and "://" not in path and not os.path.isfile(local):
+            raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint file not found: {local}")
         return super().load(path, *args, **kwargs)
