@@ -118,3 +118,40 @@ def test_out_of_range_values_fail_at_model_build_naming_the_key(key, value):
                      f"MODEL.INST_UNIQUE.{key}", value)
     with pytest.raises(ValueError, match=f"MODEL.INST_UNIQUE.{key}"):
         build_model(cfg)
+
+
+def test_eval_only_refuses_weights_that_leave_parameters_unloaded(tiny_shapes, tmp_path):
+    train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", 1, "TEST.EVAL_PERIOD", 0))
+    state = torch.load(tmp_path / "model_final.pth", weights_only=False)
+    # Dropping the memory is fine (a training queue); dropping a head weight is not.
+    state["model"] = {k: v for k, v in state["model"].items() if not k.startswith("memory.")}
+    torch.save(state, tmp_path / "no_memory.pth")
+    train_net.main(_args(tmp_path, "MODEL.WEIGHTS", tmp_path / "no_memory.pth", eval_only=True))
+    del state["model"]["sem_seg_head.predictor.class_embed.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="partial.pth leaves 1 entries.*class_embed.weight"):
+        train_net.main(_args(tmp_path, "MODEL.WEIGHTS", tmp_path / "partial.pth",
+                             eval_only=True))
+
+
+def test_eval_only_refuses_random_weights_unless_asked(tiny_shapes, tmp_path):
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS '' would evaluate a randomly"):
+        train_net.main(_args(tmp_path, eval_only=True))
+    # Asked for, and with no training set registered: --eval-only reads DATASETS.TEST only.
+    results = train_net.main(_args(tmp_path, "TEST.ALLOW_RANDOM_WEIGHTS", True,
+                                   "DATASETS.TRAIN", "('no_such_train_set',)", eval_only=True))
+    assert "segm" in results
+
+
+def test_unreadable_weights_name_the_file(tiny_shapes, tmp_path):
+    (tmp_path / "noise.pth").write_bytes(os.urandom(4096))
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS: .*noise.pth is not a readable"):
+        train_net.main(_args(tmp_path, "MODEL.WEIGHTS", tmp_path / "noise.pth", eval_only=True))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_fails_in_setup_naming_the_key(tmp_path):
+    with pytest.raises(ValueError, match="MODEL.DEVICE is 'cuda'.*0 CUDA"):
+        train_net.setup(_args(tmp_path, "MODEL.DEVICE", "cuda"))
+    with pytest.raises(ValueError, match="MODEL.DEVICE: 'gpu' is not a device"):
+        train_net.setup(_args(tmp_path, "MODEL.DEVICE", "gpu"))

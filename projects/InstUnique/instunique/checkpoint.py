@@ -1,5 +1,7 @@
-"""A DetectionCheckpointer that never leaves a half-written file behind."""
+"""A DetectionCheckpointer that never leaves a half-written file behind and says what it
+could not load."""
 import os
+from typing import List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -44,3 +46,31 @@ class AtomicCheckpointer(DetectionCheckpointer):
         if path and "://" not in path and not os.path.isfile(local):
             raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint file not found: {local}")
         return super().load(path, *args, **kwargs)
+
+    def _load_file(self, f: str):
+        try:
+            return super()._load_file(f)
+        except Exception as e:  # torch, pickle and zipfile each raise their own types
+            raise ValueError(
+                f"MODEL.WEIGHTS: {f} is not a readable checkpoint (truncated, corrupt, or not "
+                f"a PyTorch / detectron2 file): {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from e
+
+    def _load_model(self, checkpoint):
+        # Kept so that evaluation can refuse weights that leave parameters at random.
+        self.incompatible = super()._load_model(checkpoint)
+        return self.incompatible
+
+    def unloaded_keys(self, ignore_modules=()) -> List[str]:
+        """Model state the last :meth:`load` left untouched (missing or of another shape),
+        except entries of modules of the ``ignore_modules`` types."""
+        incompatible = getattr(self, "incompatible", None)
+        if incompatible is None:
+            return []
+        ignored = tuple(
+            f"{name}." for name, m in self.model.named_modules()
+            if name and isinstance(m, tuple(ignore_modules))
+        )
+        keys = list(incompatible.missing_keys)
+        keys += [k for k, *_ in incompatible.incorrect_shapes if k not in keys]
+        return [k for k in keys if not k.startswith(ignored)]

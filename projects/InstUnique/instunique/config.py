@@ -16,6 +16,11 @@ def add_instunique_config(cfg):
     # register_coco_instances as NAME for DATASETS.TRAIN / TEST. With them, the segmenter's
     # class count (e.g. MODEL.SEM_SEG_HEAD.NUM_CLASSES) may be -1: taken from the categories.
     cfg.DATASETS.REGISTER = []
+    # train_net.py opens every image of the datasets it uses before the first iteration
+    # (instunique/data/validation.py). A missing or undecodable one stops it there, naming
+    # the dataset, image id and file; True instead leaves such images out of the run (the
+    # loader and the COCO evaluation alike) and logs how many.
+    cfg.DATALOADER.SKIP_BAD_IMAGES = False
 
     cfg.MODEL.INST_UNIQUE = CN()
     # Meta-architecture of the base segmenter that InstUnique trains; inference is its own.
@@ -92,6 +97,10 @@ def add_instunique_config(cfg):
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.ROTATION_RANGE = (0.0, 60.0)
     # Scaling factor range (supp. S1: 0.5-2.0).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.SCALE_RANGE = (0.5, 2.0)
+
+    # --eval-only with MODEL.WEIGHTS "" evaluates a randomly initialised model, which is
+    # almost always a mistake (a forgotten key): refused unless this is True.
+    cfg.TEST.ALLOW_RANDOM_WEIGHTS = False
 
     # Query-uniqueness evaluation (instunique.evaluation.QueryUniquenessEvaluator), run by
     # train_net.py beside COCOEvaluator in --eval-only and periodic evaluation. Serves any

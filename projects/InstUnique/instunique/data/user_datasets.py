@@ -147,7 +147,10 @@ def _check_images(spec: DatasetSpec, images: List[Dict]) -> None:
 
 def _registered_paths(name: str):
     meta = MetadataCatalog.get(name)
-    paths = [getattr(meta, f, None) for f in ("json_file", "image_root")]
+    # validation.py re-registers a dataset with a cleaned copy of its JSON; the entry
+    # naming the original file is still the same entry.
+    json_field = "source_json_file" if hasattr(meta, "source_json_file") else "json_file"
+    paths = [getattr(meta, f, None) for f in (json_field, "image_root")]
     return tuple(os.path.abspath(p) if isinstance(p, str) else p for p in paths)
 
 
@@ -254,12 +257,13 @@ def _resolve_num_classes(cfg, names: Sequence[str]) -> None:
         )
 
 
-def setup_user_datasets(cfg) -> None:
+def setup_user_datasets(cfg, eval_only: bool = False) -> None:
     """Register ``cfg.DATASETS.REGISTER`` and check or fill in the class count (in place).
 
     The class count (see :func:`num_classes_key`) is compared with the categories of every
-    dataset in DATASETS.TRAIN and DATASETS.TEST whose categories are known without loading
-    it; at :data:`AUTO` it is set to their number. ``cfg`` must not be frozen.
+    dataset in DATASETS.TRAIN (unless ``eval_only``) and DATASETS.TEST whose categories are
+    known without loading it; at :data:`AUTO` it is set to their number. ``cfg`` must not
+    be frozen.
     """
     specs = [parse_spec(text) for text in cfg.DATASETS.REGISTER]
     seen = {}
@@ -270,4 +274,4 @@ def setup_user_datasets(cfg) -> None:
                         f"{before.text!r}, with other files")
     for spec in specs:
         register_spec(spec)
-    _resolve_num_classes(cfg, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST])
+    _resolve_num_classes(cfg, [*(() if eval_only else cfg.DATASETS.TRAIN), *cfg.DATASETS.TEST])
