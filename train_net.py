@@ -12,6 +12,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from instunique import add_instunique_config
 from instunique.data.datasets import check_dataset
 from instunique.data.user_datasets import setup_user_datasets
+from instunique.data.validation import validate_datasets
 from instunique.engine.trainer import Trainer, check_device, load_for_evaluation
 
 
@@ -34,8 +35,6 @@ def setup(args):
         check_dataset(name)
     # Images, masks, polygons and class counts, before the first iteration; what is left
     # out, the datasets are re-registered without.
-    from instunique.data.validation import validate_datasets
-
     validate_datasets(cfg, train=not args.eval_only)
     default_setup(cfg, args)
     return cfg

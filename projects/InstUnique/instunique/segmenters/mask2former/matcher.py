@@ -16,6 +16,8 @@ from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from ..finite_cost import check_cost_finite
+
 _EPS = 1e-6
 
 
@@ -129,8 +131,9 @@ class HungarianMatcher(nn.Module):
         indices = []
         for b, target in enumerate(targets):
             valid = None if pixel_valid is None else pixel_valid[b]
-            cost = self._cost_matrix(logits[b], masks[b], target, valid)
-            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            cost = self._cost_matrix(logits[b], masks[b], target, valid).cpu().numpy()
+            check_cost_finite(cost, outputs, b)
+            rows, cols = linear_sum_assignment(cost)
             indices.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )

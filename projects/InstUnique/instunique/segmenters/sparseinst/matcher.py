@@ -16,6 +16,7 @@ from detectron2.utils.registry import Registry
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from ..finite_cost import check_cost_finite
 from .registry import lookup
 
 SPARSE_INST_MATCHER_REGISTRY = Registry("SPARSE_INST_MATCHER")
@@ -116,8 +117,9 @@ class SparseInstMatcher(nn.Module):
                 weights = None if pixel_valid is None else pixel_valid[b].flatten()
                 dice = pairwise_dice_score(masks[b].float().flatten(1), tgt, weights)
                 prob = logits[b].float().sigmoid()[:, labels.long()]
-                score = dice.pow(self.alpha) * prob.pow(self.beta)
-                rows, cols = linear_sum_assignment(score.cpu().numpy(), maximize=True)
+                score = (dice.pow(self.alpha) * prob.pow(self.beta)).cpu().numpy()
+                check_cost_finite(score, outputs, b)
+                rows, cols = linear_sum_assignment(score, maximize=True)
                 indices.append((torch.as_tensor(rows, dtype=torch.int64),
                                 torch.as_tensor(cols, dtype=torch.int64)))
         return indices
