@@ -221,7 +221,7 @@ def test_train_net_eval_only_reports_uniqueness(tmp_path):
     config = os.path.join(ROOT, "configs/shapes/instunique_mask2former_shapes.yaml")
     argv = ["--config-file", config, "--eval-only", "DATASETS.TRAIN", "('uq_net_train',)",
             "DATASETS.TEST", "('uq_net_val',)", "DATALOADER.NUM_WORKERS", "0",
-            "OUTPUT_DIR", str(tmp_path),
+            "OUTPUT_DIR", str(tmp_path), "TEST.ALLOW_RANDOM_WEIGHTS", "True",
             *[str(o) for o in tiny_opts()]]
     from detectron2.engine import default_argument_parser
 
