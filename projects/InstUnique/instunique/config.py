@@ -1,6 +1,7 @@
 """``add_instunique_config``: the MODEL.INST_UNIQUE namespace and the base segmenters' keys."""
 from detectron2.config import CfgNode as CN
 
+from .backbones.config import add_timm_backbone_config
 from .segmenters.mask2former.config import add_mask2former_config
 from .segmenters.sparseinst.config import add_sparseinst_config
 
@@ -9,6 +10,7 @@ def add_instunique_config(cfg):
     """Add every key InstUnique and its base segmenters read to ``cfg`` (in place)."""
     add_mask2former_config(cfg)
     add_sparseinst_config(cfg)
+    add_timm_backbone_config(cfg)
 
     # A user's own COCO-format datasets, registered by train_net.py before anything is
     # built (instunique/data/user_datasets.py): entries "NAME=JSON:IMAGE_ROOT", paths
@@ -68,6 +70,10 @@ def add_instunique_config(cfg):
     # External pixels scored per chunk: bounds the (queries x pixels) logits held at once.
     # 0: chosen from the device and the number of queries (cache-sized on the CPU).
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.CHUNK_PIXELS = 0
+    # Panoptic data (supp. S1): a query matched to a stuff segment of class c gets target 1
+    # on external pixels labelled c. The stuff classes are those of DATASETS.TRAIN's
+    # metadata (none for instance datasets). False: target 0 everywhere, as for things.
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.STUFF_TARGETS = True
 
     # Transformation equivariance, paper Eq. 8.
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE = CN()

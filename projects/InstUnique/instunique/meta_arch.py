@@ -8,6 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .adapter import build_adapter
+from .data.panoptic import training_stuff_classes
 from .objectives import CrossImageLoss, EquivarianceLoss, PixelMemory
 from .transforms.build import build_transform_family
 
@@ -80,6 +81,10 @@ class InstUnique(nn.Module):
                 hard_threshold=iu.CROSS_IMAGE.HARD_THRESHOLD,
                 topk=iu.CROSS_IMAGE.TOPK,
                 normalization=iu.CROSS_IMAGE.NORMALIZATION,
+                stuff_classes=(
+                    training_stuff_classes(cfg.DATASETS.TRAIN)
+                    if iu.CROSS_IMAGE.STUFF_TARGETS else ()
+                ),
             )
             if iu.CROSS_IMAGE.MEMORY_PIXELS > 0:
                 memory = PixelMemory(iu.CROSS_IMAGE.MEMORY_PIXELS, adapter.embed_dim)

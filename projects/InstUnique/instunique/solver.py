@@ -11,10 +11,14 @@ _NORMS = (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
 )
 
+# Swin's position tables: Mask2Former's build_optimizer exempts them from decay by name, as
+# the Swin authors do (their no_weight_decay keywords).
+_NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+
 
 def _param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
-    """One group per parameter: backbone lr x BACKBONE_MULTIPLIER, no decay on norms
-    (WEIGHT_DECAY_NORM) and on embedding tables (WEIGHT_DECAY_EMBED)."""
+    """One group per parameter: backbone lr x BACKBONE_MULTIPLIER, decay WEIGHT_DECAY_NORM on
+    norms, WEIGHT_DECAY_EMBED on embedding tables and none on Swin's position tables."""
     solver = cfg.SOLVER
     groups, seen = [], set()
     for module_name, module in model.named_modules():
@@ -29,6 +33,8 @@ def _param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
                 group["weight_decay"] = solver.WEIGHT_DECAY_NORM
             if isinstance(module, nn.Embedding) or name == "level_embed":
                 group["weight_decay"] = solver.WEIGHT_DECAY_EMBED
+            if name in _NO_DECAY_NAMES:
+                group["weight_decay"] = 0.0
             groups.append(group)
     return groups
 

@@ -24,6 +24,7 @@ from detectron2.data.catalog import Metadata
 
 from .blobs import BLOBS
 from .shapes import SHAPES, SHAPES_CROWD
+from .shapes_panoptic import SHAPES_PANOPTIC
 from .synthetic import materialize_synthetic, register_synthetic
 
 __all__ = ["DatasetNotRegisteredError", "check_dataset", "prepare_dataset", "register_all"]
@@ -51,7 +52,7 @@ class DatasetNotRegisteredError(KeyError):
 
 def register_all(root=None) -> None:
     """Register the project's datasets; names already in DatasetCatalog are left alone."""
-    for spec in (SHAPES, BLOBS, SHAPES_CROWD):
+    for spec in (SHAPES, BLOBS, SHAPES_CROWD, SHAPES_PANOPTIC):
         names = [f"{spec.folder}_{split}" for split in ("train", "val")]
         if not any(n in DatasetCatalog.list() for n in names):
             register_synthetic(spec, root)

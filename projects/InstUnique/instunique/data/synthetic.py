@@ -1,8 +1,10 @@
 """
 Files and registration shared by the built-in synthetic datasets (``shapes``, ``blobs``,
-``shapes_crowd``): each is a :class:`SyntheticSpec` whose ``render`` draws one image.
+``shapes_crowd``, ``shapes_panoptic``): each is a :class:`SyntheticSpec` whose ``render``
+draws one image.
 
-Layout under ``root``::
+Layout under ``root`` (a spec with ``stuff_classes`` is written in COCO-panoptic format
+instead, see :mod:`.synthetic_panoptic`)::
 
     {folder}/{split}/000000.png ...
     {folder}/annotations/instances_{split}.json
@@ -15,7 +17,6 @@ complete split and a half-written split is regenerated.
 import contextlib
 import json
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,14 @@ import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+
+from .atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
+from .synthetic_panoptic import (
+    load_panoptic_split,
+    panoptic_metadata,
+    panoptic_paths,
+    write_panoptic_split,
+)
 
 __all__ = [
     "SyntheticSpec",
@@ -37,10 +46,6 @@ __all__ = [
 # One image: (image (S, S, 3) uint8 BGR, [(0-based category, (S, S) bool mask), ...]).
 Rendered = Tuple[np.ndarray, List[Tuple[int, np.ndarray]]]
 SPLIT_SEEDS = {"train": 0, "val": 1}
-_PNG_PARAMS = [
-    cv2.IMWRITE_PNG_COMPRESSION, 1,
-    cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_HUFFMAN_ONLY,
-]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -50,22 +55,31 @@ class SyntheticSpec:
     folder: str  # under the root, and the default name prefix
     description: str
     version: int  # bumped when the renderer's output changes; stored in the json "info"
-    classes: Sequence[str]
-    colors: Sequence[Sequence[int]]  # for visualization only
+    classes: Sequence[str]  # thing classes
+    colors: Sequence[Sequence[int]]  # one per class, stuff included; for visualization only
+    # Categories of ``render`` index classes, then stuff_classes.
     render: Callable[[np.random.Generator, int], Rendered]
     num_images: Dict[str, int]  # default images per split
     image_size: int
     min_image_size: int
+    # Non-empty: a panoptic dataset (COCO-panoptic files, evaluator "coco_panoptic_seg").
+    stuff_classes: Sequence[str] = ()
 
 
 def _default_root() -> str:
     return os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 
+def _root_or_default(root: Optional[str]) -> str:
+    return _default_root() if root is None else os.fspath(root)
+
+
 def dataset_paths(spec: SyntheticSpec, root: Optional[str], split: str) -> Tuple[str, str]:
-    """Return ``(json_file, image_root)`` of a split; nothing is read or written."""
-    root = _default_root() if root is None else os.fspath(root)
-    base = os.path.join(root, spec.folder)
+    """Return ``(json_file, image_root)`` of a split (the panoptic JSON for a panoptic
+    spec); nothing is read or written."""
+    base = os.path.join(_root_or_default(root), spec.folder)
+    if spec.stuff_classes:
+        return panoptic_paths(base, split)[:2]
     return (
         os.path.join(base, "annotations", f"instances_{split}.json"),
         os.path.join(base, split),
@@ -88,27 +102,12 @@ def _annotation(mask: np.ndarray, category: int, image_id: int, ann_id: int) -> 
     }
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    # Unique per writer, so racing writers never share a temporary file.
-    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _write_png(path: str, image: np.ndarray) -> None:
-    # Huffman-only: the noise defeats LZ matching; this is both faster and smaller.
-    ok, png = cv2.imencode(".png", image, _PNG_PARAMS)
-    if not ok:  # pragma: no cover - cv2 failure
-        raise RuntimeError(f"could not encode {path}")
-    _atomic_write(path, png.tobytes())
-
-
 def generate_split(
     spec: SyntheticSpec, root: Optional[str], split: str, num_images: int, seed: int,
     image_size: Optional[int] = None,
 ) -> str:
-    """Write ``num_images`` images of one split and its COCO json; return the json path.
+    """Write ``num_images`` images of one split and its json (COCO instances, or COCO
+    panoptic for a spec with stuff classes); return the json path.
 
     The same arguments give byte-identical files and a longer split extends a shorter one.
     """
@@ -117,31 +116,41 @@ def generate_split(
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if image_size < spec.min_image_size:
         raise ValueError(f"image_size must be >= {spec.min_image_size}, got {image_size}")
-    json_file, image_root = dataset_paths(spec, root, split)
+    # Lazy: each image is written before the next one is drawn.
+    rendered = (
+        spec.render(np.random.default_rng([seed, index]), image_size)
+        for index in range(num_images)
+    )
+    info = {
+        "description": f"{spec.description}, split {split}",
+        "version": spec.version,
+        "seed": seed,
+        "num_images": num_images,
+        "image_size": image_size,
+    }
+    if spec.stuff_classes:
+        base = os.path.join(_root_or_default(root), spec.folder)
+        return write_panoptic_split(spec, panoptic_paths(base, split), rendered, info)
+    return _write_instance_split(spec, *dataset_paths(spec, root, split), rendered, info)
+
+
+def _write_instance_split(spec: SyntheticSpec, json_file: str, image_root: str, rendered,
+                          info: Dict) -> str:
     os.makedirs(image_root, exist_ok=True)
     os.makedirs(os.path.dirname(json_file), exist_ok=True)
-
     images, annotations = [], []
-    for index in range(num_images):
-        image, instances = spec.render(np.random.default_rng([seed, index]), image_size)
+    for index, (image, instances) in enumerate(rendered):
         file_name = f"{index:06d}.png"
-        _write_png(os.path.join(image_root, file_name), image)
+        write_png(os.path.join(image_root, file_name), image, NOISE_PNG_PARAMS)
         # 1-based ids: pycocotools treats annotation id 0 as "unmatched".
         image_id = index + 1
-        images.append(
-            {"id": image_id, "file_name": file_name, "height": image_size, "width": image_size}
-        )
+        height, width = image.shape[:2]
+        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
         for category, mask in instances:
             annotations.append(_annotation(mask, category, image_id, len(annotations) + 1))
 
     coco = {
-        "info": {
-            "description": f"{spec.description}, split {split}",
-            "version": spec.version,
-            "seed": seed,
-            "num_images": num_images,
-            "image_size": image_size,
-        },
+        "info": info,
         "images": images,
         "annotations": annotations,
         "categories": [
@@ -149,7 +158,7 @@ def generate_split(
             for i, name in enumerate(spec.classes)
         ],
     }
-    _atomic_write(json_file, json.dumps(coco, separators=(",", ":")).encode())
+    atomic_write(json_file, json.dumps(coco, separators=(",", ":")).encode())
     return json_file
 
 
@@ -217,7 +226,7 @@ def register_synthetic(
     :func:`materialize_synthetic`). ``root`` defaults to ``$DETECTRON2_DATASETS`` (or
     ``datasets``), read now; ``prefix`` to the spec's folder. Returns the registered names.
     """
-    root = _default_root() if root is None else os.fspath(root)
+    root = _root_or_default(root)
     prefix = spec.folder if prefix is None else prefix
     args = {"root": root, "num_train": num_train, "num_val": num_val, "image_size": image_size}
     names = [f"{prefix}_{split}" for split in SPLIT_SEEDS]
@@ -225,22 +234,39 @@ def register_synthetic(
     if taken:
         raise ValueError(f"dataset(s) {taken} already registered; pick another prefix")
 
+    register = _register_panoptic_split if spec.stuff_classes else _register_instance_split
     for split, name in zip(SPLIT_SEEDS, names):
-        json_file, image_root = dataset_paths(spec, root, split)
-
-        def load(json_file=json_file, image_root=image_root, name=name):
-            ensure_splits(spec, **args)
-            return load_coco_json(json_file, image_root, name)
-
-        DatasetCatalog.register(name, load)
-        MetadataCatalog.get(name).set(
-            json_file=json_file,
-            image_root=image_root,
-            evaluator_type="coco",
-            thing_classes=list(spec.classes),
-            thing_colors=[list(c) for c in spec.colors],
-            # Known without reading the json; evaluators need it to map class ids back.
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(spec.classes))},
-        )
+        register(spec, name, split, args)
         _REGISTERED[name] = (spec, args)
     return names
+
+
+def _register_instance_split(spec: SyntheticSpec, name: str, split: str, args: Dict) -> None:
+    json_file, image_root = dataset_paths(spec, args["root"], split)
+
+    def load():
+        ensure_splits(spec, **args)
+        return load_coco_json(json_file, image_root, name)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        thing_classes=list(spec.classes),
+        thing_colors=[list(c) for c in spec.colors],
+        # Known without reading the json; evaluators need it to map class ids back.
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(spec.classes))},
+    )
+
+
+def _register_panoptic_split(spec: SyntheticSpec, name: str, split: str, args: Dict) -> None:
+    paths = panoptic_paths(os.path.join(args["root"], spec.folder), split)
+    metadata = panoptic_metadata(spec, paths)
+
+    def load():
+        ensure_splits(spec, **args)
+        return load_panoptic_split(paths, metadata)
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(**metadata)

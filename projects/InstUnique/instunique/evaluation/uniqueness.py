@@ -44,6 +44,7 @@ from detectron2.utils.logger import create_small_table
 from torch import nn
 
 from ..adapter import SegmenterAdapter, SegmenterOutputs, build_adapter
+from ..data.panoptic import panoptic_annotations
 
 __all__ = [
     "QueryUniquenessEvaluator",
@@ -326,7 +327,12 @@ class QueryUniquenessEvaluator(DatasetEvaluator):
         d = self._dicts.get(x["image_id"])
         if d is None:
             return None
-        annos = [a for a in d.get("annotations", []) if not a.get("iscrowd", 0)]
+        if "annotations" not in d and "pan_seg_file_name" in d:
+            # A panoptic dataset: its thing segments are the instances.
+            annos = [a for a in panoptic_annotations(d) if a["isthing"]]
+        else:
+            annos = d.get("annotations", [])
+        annos = [a for a in annos if not a.get("iscrowd", 0)]
         if not annos:
             return torch.zeros((0, *size), dtype=torch.bool)
         if any("segmentation" not in a for a in annos):

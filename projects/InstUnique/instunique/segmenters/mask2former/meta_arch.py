@@ -1,23 +1,26 @@
-"""The Mask2Former meta-architecture (instance segmentation)."""
-from typing import Dict, List
+"""The Mask2Former meta-architecture (instance, semantic and panoptic segmentation)."""
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
+from ...data.panoptic import thing_contiguous_ids
 from .criterion import SetCriterion
 from .head import build_mask2former_head
-from .inference import instance_inference
+from .inference import instance_inference, panoptic_inference, semantic_inference
 from .matcher import HungarianMatcher
 
 
 @META_ARCH_REGISTRY.register()
 class Mask2Former(nn.Module):
-    """Backbone -> InstUniqueMaskFormerHead -> set criterion (training) or instance inference.
+    """Backbone -> InstUniqueMaskFormerHead -> set criterion (training) or inference:
+    semantic, panoptic and instance outputs per MODEL.MASK_FORMER.TEST's switches.
 
     Submodule names are the official ones (``backbone``, ``sem_seg_head``, ``criterion``),
     so the official model-zoo checkpoints load with no missing or unexpected keys.
@@ -35,14 +38,41 @@ class Mask2Former(nn.Module):
         pixel_mean,
         pixel_std,
         test_topk_per_image: int,
+        semantic_on: bool = False,
+        instance_on: bool = True,
+        panoptic_on: bool = False,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        sem_seg_postprocess_before_inference: bool = False,
+        thing_classes: Optional[Sequence[int]] = None,
     ):
+        """thing_classes: contiguous ids of the thing classes; needed by panoptic inference
+        (which also restricts the instances to things); None: every class is a thing."""
         super().__init__()
+        if not (semantic_on or instance_on or panoptic_on):
+            raise ValueError(
+                "MODEL.MASK_FORMER.TEST: SEMANTIC_ON, INSTANCE_ON and PANOPTIC_ON are all "
+                "False; inference would return nothing"
+            )
+        if panoptic_on and thing_classes is None:
+            raise ValueError("panoptic inference needs thing_classes (which classes are things)")
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
         self.num_queries = num_queries
         self.size_divisibility = size_divisibility
         self.test_topk_per_image = test_topk_per_image
+        self.semantic_on = semantic_on
+        self.instance_on = instance_on
+        self.panoptic_on = panoptic_on
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
+        # The official switch; instance and panoptic inference force it (they need masks
+        # at the output resolution).
+        self.resize_before_inference = (
+            sem_seg_postprocess_before_inference or instance_on or panoptic_on
+        )
+        self.thing_classes = None if thing_classes is None else tuple(thing_classes)
         # Not saved: the official checkpoints do not hold them.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -50,11 +80,6 @@ class Mask2Former(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         mf = cfg.MODEL.MASK_FORMER
-        if mf.TEST.PANOPTIC_ON or mf.TEST.SEMANTIC_ON or not mf.TEST.INSTANCE_ON:
-            raise ValueError(
-                "MODEL.MASK_FORMER.TEST: only instance inference is implemented "
-                "(INSTANCE_ON=True, SEMANTIC_ON=False, PANOPTIC_ON=False)"
-            )
         backbone = build_backbone(cfg)
         sem_seg_head = build_mask2former_head(cfg, backbone.output_shape())
         return {
@@ -66,6 +91,14 @@ class Mask2Former(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "semantic_on": mf.TEST.SEMANTIC_ON,
+            "instance_on": mf.TEST.INSTANCE_ON,
+            "panoptic_on": mf.TEST.PANOPTIC_ON,
+            "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
+            "sem_seg_postprocess_before_inference":
+                mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "thing_classes": _test_thing_classes(cfg) if mf.TEST.PANOPTIC_ON else None,
         }
 
     @property
@@ -126,6 +159,9 @@ class Mask2Former(nn.Module):
         return self.inference(outputs, batched_inputs, images)
 
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList):
+        """Per image a dict with "sem_seg" (K, H, W), "panoptic_seg" ((H, W) int32,
+        segments_info) and "instances", each when its MODEL.MASK_FORMER.TEST switch is on;
+        H, W: the input's "height"/"width" (default: its unpadded size)."""
         mask_logits = F.interpolate(
             outputs["pred_masks"], size=images.tensor.shape[-2:], mode="bilinear",
             align_corners=False,
@@ -135,13 +171,46 @@ class Mask2Former(nn.Module):
             outputs["pred_logits"], mask_logits, batched_inputs, images.image_sizes
         ):
             height, width = x.get("height", size[0]), x.get("width", size[1])
-            masks = sem_seg_postprocess(masks, size, height, width)
-            results.append(
-                {"instances": instance_inference(
-                    class_logits, masks, (height, width), self.test_topk_per_image
-                )}
-            )
+            if self.resize_before_inference:
+                masks = sem_seg_postprocess(masks, size, height, width)
+            results.append(self.inference_single(class_logits, masks, size, (height, width)))
         return results
+
+    def inference_single(self, class_logits: torch.Tensor, masks: torch.Tensor, size,
+                         output_size) -> Dict:
+        """Outputs of one image from class_logits (Q, K+1) and mask logits (Q, h, w): at
+        the output size, or padded (cropped to ``size`` afterwards) for semantic-only."""
+        result = {}
+        if self.semantic_on:
+            sem_seg = semantic_inference(class_logits, masks)
+            if not self.resize_before_inference:
+                sem_seg = sem_seg_postprocess(sem_seg, size, *output_size)
+            result["sem_seg"] = sem_seg
+        if self.panoptic_on:
+            result["panoptic_seg"] = panoptic_inference(
+                class_logits, masks, self.thing_classes, self.object_mask_threshold,
+                self.overlap_threshold,
+            )
+        if self.instance_on:
+            result["instances"] = instance_inference(
+                class_logits, masks, tuple(output_size), self.test_topk_per_image,
+                self.thing_classes if self.panoptic_on else None,
+            )
+        return result
+
+
+def _test_thing_classes(cfg) -> List[int]:
+    """The thing classes (contiguous ids) of DATASETS.TEST[0], as the official model reads
+    them; a ValueError when its metadata does not tell them."""
+    names = cfg.DATASETS.TEST
+    meta = MetadataCatalog.get(names[0]) if names else None
+    if getattr(meta, "thing_dataset_id_to_contiguous_id", None) is None:
+        raise ValueError(
+            "MODEL.MASK_FORMER.TEST.PANOPTIC_ON needs to know which classes are things: "
+            "DATASETS.TEST[0] must be a registered panoptic dataset whose metadata has "
+            f"thing_dataset_id_to_contiguous_id (DATASETS.TEST is {tuple(names)})"
+        )
+    return list(thing_contiguous_ids(meta))
 
 
 def _mask_tensor(inst, index: int) -> torch.Tensor:
