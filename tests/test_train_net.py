@@ -155,3 +155,20 @@ def test_unavailable_device_fails_in_setup_naming_the_key(tmp_path):
         train_net.setup(_args(tmp_path, "MODEL.DEVICE", "cuda"))
     with pytest.raises(ValueError, match="MODEL.DEVICE: 'gpu' is not a device"):
         train_net.setup(_args(tmp_path, "MODEL.DEVICE", "gpu"))
+
+
+def test_panoptic_shapes_trains_and_eval_only_reports_pq(tmp_path):
+    from instunique.data.shapes_panoptic import SHAPES_PANOPTIC
+    from instunique.data.synthetic import register_synthetic
+
+    register_synthetic(SHAPES_PANOPTIC, str(tmp_path / "data"), prefix="tiny_pan",
+                       num_train=4, num_val=2)
+    config = os.path.join(CONFIGS, "shapes/instunique_mask2former_panoptic_shapes.yaml")
+    data = ("DATASETS.TRAIN", "('tiny_pan_train',)", "DATASETS.TEST", "('tiny_pan_val',)")
+    train_net.main(_args(tmp_path, *data, "SOLVER.MAX_ITER", 2, config=config))
+    rows = [r for r in _metrics(tmp_path) if "loss_cross_image" in r]
+    assert rows and all(r["loss_cross_image"] >= 0 for r in rows)
+    results = train_net.main(_args(tmp_path, *data, "MODEL.WEIGHTS",
+                                   tmp_path / "model_final.pth", eval_only=True, config=config))
+    assert {"PQ", "PQ_th", "PQ_st"} <= set(results["panoptic_seg"])
+    assert "mIoU" in results["sem_seg"]

@@ -1,10 +1,20 @@
-"""A DetectionCheckpointer that never leaves a half-written file behind and says what it
-could not load."""
+"""A DetectionCheckpointer that never leaves a half-written file behind, resumes from the
+newest checkpoint it can read, and says what it could not load."""
 import os
-from typing import List
+import re
+from typing import Any, Dict, List
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+
+# What _atomic_write leaves behind when the process dies mid-write.
+_TEMPORARY = re.compile(r"^(?:.+\.pth|last_checkpoint)\.tmp\.\d+$")
+# The files DefaultTrainer's PeriodicCheckpointer writes: the candidates of a fallback.
+_PERIODIC = re.compile(r"^model_(?:\d+|final)\.pth$")
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint file that torch cannot read; raised before any state is loaded."""
 
 
 def _atomic_write(path: str, write, mode: str):
@@ -20,8 +30,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
     """Writes checkpoints and ``last_checkpoint`` to a temporary file, then renames it.
 
     A crash while saving leaves the previous checkpoint and tag intact, so ``--resume``
-    always finds a complete file.
+    finds a complete file; a file damaged otherwise (a full disk, a copy cut short) is
+    passed over by :meth:`resume_or_load` for the newest one that reads.
     """
+
+    # What a message blames for the file being loaded; :meth:`load` sets it.
+    _source = "MODEL.WEIGHTS"
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -39,22 +53,109 @@ class AtomicCheckpointer(DetectionCheckpointer):
         path = os.path.join(self.save_dir, "last_checkpoint")
         _atomic_write(path, lambda f: f.write(last_filename_basename), "w")
 
-    def load(self, path: str, *args, **kwargs):
+    def load(self, path: str, *args, source: str = "MODEL.WEIGHTS", **kwargs):
+        """detectron2's load; ``source``, where ``path`` comes from, heads the messages of
+        a missing or unreadable file."""
         # A missing local file would otherwise be skipped with only a log line. A query
         # ("x.pth?matching_heuristics=True") is an option for detectron2's loader.
         local = path.split("?", 1)[0]
         if path and "://" not in path and not os.path.isfile(local):
-            raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint file not found: {local}")
-        return super().load(path, *args, **kwargs)
+            raise FileNotFoundError(f"{source}: checkpoint file not found: {local}")
+        self._source = source
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._source = type(self)._source
+            # detectron2 clears this only after a load that succeeded, and asserts it is
+            # clear when the next one starts: the fallback's next try would fail.
+            self._parsed_url_during_load = None
 
     def _load_file(self, f: str):
         try:
             return super()._load_file(f)
         except Exception as e:  # torch, pickle and zipfile each raise their own types
-            raise ValueError(
-                f"MODEL.WEIGHTS: {f} is not a readable checkpoint (truncated, corrupt, or not "
-                f"a PyTorch / detectron2 file): {type(e).__name__}: {str(e).splitlines()[0]}"
+            first_line = (str(e).splitlines() or [""])[0]
+            raise UnreadableCheckpointError(
+                f"{self._source}: {f} is not a readable checkpoint (truncated, corrupt, or not "
+                f"a PyTorch / detectron2 file): {type(e).__name__}: {first_line}"
             ) from e
+
+    def last_checkpoint_file(self) -> str:
+        """The checkpoint ``save_dir/last_checkpoint`` names.
+
+        Raises:
+            FileNotFoundError: naming ``last_checkpoint``, if that file is not there.
+        """
+        tag = os.path.join(self.save_dir, "last_checkpoint")
+        path = self.get_checkpoint_file()
+        if not os.path.isfile(path):
+            name = os.path.basename(path)
+            what = f"names {name!r}, which is not in {self.save_dir}" if name else "is empty"
+            raise FileNotFoundError(f"{tag} {what}. Point it at a checkpoint there, or "
+                                    f"delete it to start from MODEL.WEIGHTS")
+        return path
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """detectron2's resume_or_load, except that a last checkpoint torch cannot read is
+        passed over, with a warning naming it, for the newest readable checkpoint of
+        ``save_dir`` (by modification time).
+
+        Raises:
+            FileNotFoundError: ``last_checkpoint`` names a file that is not there.
+            UnreadableCheckpointError: no checkpoint of ``save_dir`` is readable.
+        """
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        source = os.path.join(self.save_dir, "last_checkpoint")
+        tagged = self.last_checkpoint_file()
+        tried = []
+        for candidate in [tagged, *self._previous_checkpoints(tagged)]:
+            try:
+                return self.load(candidate, source=source)
+            except UnreadableCheckpointError as e:
+                # Raised before anything was loaded: the next candidate starts clean.
+                tried.append(candidate)
+                cause = e.__cause__ if e.__cause__ is not None else e
+                self.logger.warning(
+                    f"Cannot resume from {candidate}: not a readable checkpoint "
+                    f"({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}); "
+                    f"trying the previous checkpoint"
+                )
+        raise UnreadableCheckpointError(
+            f"{source}: no checkpoint of {self.save_dir} is readable (tried "
+            f"{', '.join(os.path.basename(p) for p in tried)}); delete {source} to start "
+            f"from MODEL.WEIGHTS"
+        )
+
+    def _previous_checkpoints(self, tagged: str) -> List[str]:
+        # Newest first. Ties (a coarse file system clock) go by name, descending: a later
+        # iteration first, and model_final, written last, before all.
+        names = [n for n in os.listdir(self.save_dir)
+                 if _PERIODIC.match(n) and n != os.path.basename(tagged)]
+        paths = [os.path.join(self.save_dir, n) for n in names]
+        return sorted(paths, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+
+    def remove_stale_temporaries(self) -> List[str]:
+        """Delete the temporary files of saves that died mid-write (``*.pth.tmp.<pid>``,
+        ``last_checkpoint.tmp.<pid>``) from ``save_dir``; only in the process that saves,
+        and only when no other process is saving there (at the start of training).
+        Returns the deleted paths."""
+        if not self.save_dir or not self.save_to_disk or not os.path.isdir(self.save_dir):
+            return []
+        removed = []
+        for name in sorted(os.listdir(self.save_dir)):
+            # This process's own pid is no exception: it saves nothing yet, and a restarted
+            # container may well reuse the pid of the one that died.
+            if _TEMPORARY.match(name):
+                try:
+                    os.remove(os.path.join(self.save_dir, name))
+                except FileNotFoundError:  # removed by someone else meanwhile
+                    continue
+                removed.append(os.path.join(self.save_dir, name))
+        if removed:
+            self.logger.warning(f"Removed temporary files of interrupted checkpoint saves: "
+                                f"{', '.join(removed)}")
+        return removed
 
     def _load_model(self, checkpoint):
         # Kept so that evaluation can refuse weights that leave parameters at random.

@@ -19,7 +19,10 @@ class PairedViewMapper:
     transform family; x' is x warped by T (bilinear image, nearest masks), its ground truth
     Y' = T(Y); instances that leave the frame are dropped (an empty x' is legal). The
     region of x' that T maps from outside x is filled with the pixel mean. The draws
-    come from numpy's global generator, which detectron2 seeds per worker from cfg.SEED.
+    (here and in the base view's augmentations) come from numpy's global generator; in
+    training, :class:`~instunique.data.sampler.KeyedMapDataset` seeds it per sample from
+    the run's seed and the sample's place in the data stream, so a resumed run, or one
+    with another number of loader workers, draws the same views.
     """
 
     @configurable

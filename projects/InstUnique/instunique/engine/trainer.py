@@ -1,26 +1,57 @@
 """The project's trainer: detectron2's DefaultTrainer with our data, evaluators and
-checkpointer, and data-parallel training that also runs on CPU processes."""
+checkpointer, data-parallel training that also runs on CPU processes, and exact resume."""
 import logging
 import os
 import weakref
 
 import torch
 from detectron2.data import build_detection_train_loader
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, create_ddp_model
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    HookBase,
+    SimpleTrainer,
+    create_ddp_model,
+)
+from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer
 from ..data import InstanceViewMapper, PairedViewMapper
-from ..data.datasets import check_dataset, prepare_dataset
-from ..evaluation import QueryUniquenessEvaluator
+from ..data.datasets import prepare_dataset
+from ..data.sampler import build_resumable_train_loader
+from ..evaluation import QueryUniquenessEvaluator, build_dataset_evaluators
 from ..objectives.memory import PixelMemory
+from ..rng import STEP, resolve_seed, seed_all
 from ..solver import build_optimizer
+from .finite import at_iteration, install_nonfinite_checks
 from .sync_bn import convert_sync_batchnorm
 
 
+class SeedEachStep(HookBase):
+    """Seeds python, numpy and torch from (seed, rank, iteration) before every step.
+
+    The draws of a step (random points of the losses, dropout) then depend on its
+    iteration alone, not on what ran before it: a resumed run repeats them without the
+    generators' states in the checkpoint, every process of a data-parallel run included,
+    and evaluation or logging between steps cannot shift them.
+    """
+
+    def before_step(self):
+        seed_all((STEP, self.trainer.seed, comm.get_rank(), self.trainer.iter))
+
+
 class Trainer(DefaultTrainer):
+    """DefaultTrainer whose ``--resume`` continues the run exactly: model, optimizer,
+    scheduler and pixel memory from the checkpoint, and the data stream, augmentations and
+    random draws of every step from the run's seed and the iteration (see
+    :mod:`instunique.data.sampler` and :class:`SeedEachStep`).
+
+    The seed is cfg.SEED, or a random one where it is negative; it is saved in every
+    checkpoint (``trainer.seed``) and a resumed run takes it from there.
+    """
+
     def __init__(self, cfg):
         # DefaultTrainer.__init__ without its two single-GPU assumptions: DDP gets device_ids
         # only on CUDA, and BatchNorm statistics are synchronised so replicas stay equal.
@@ -31,6 +62,9 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # None where the loader cannot seek (another DATALOADER.SAMPLER_TRAIN).
+        self._sampler = getattr(data_loader, "resumable_sampler", None)
+        self.seed = self._sampler.seed if self._sampler is not None else resolve_seed(cfg)
         if comm.get_world_size() > 1:
             model = convert_sync_batchnorm(model)
             on_cuda = next(model.parameters()).device.type == "cuda"
@@ -40,6 +74,8 @@ class Trainer(DefaultTrainer):
             )
         loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = loop(model, data_loader, optimizer)
+        # A diverging run stops naming the first non-finite loss term or gradient.
+        install_nonfinite_checks(model, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -47,31 +83,75 @@ class Trainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    def run_step(self):
+        with at_iteration(self.iter):
+            super().run_step()
+
+    def build_hooks(self):
+        # First, so that no other hook's before_step draws from unseeded generators.
+        return [SeedEachStep(), *super().build_hooks()]
+
     @classmethod
     def build_train_loader(cls, cfg):
         paired = cfg.MODEL.META_ARCHITECTURE == "InstUnique"
         mapper = (PairedViewMapper if paired else InstanceViewMapper)(cfg, is_train=True)
         for name in cfg.DATASETS.TRAIN:
             prepare_dataset(name)
+        if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
+            return build_resumable_train_loader(cfg, mapper)
+        logging.getLogger(__name__).warning(
+            f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN}: a resumed run starts "
+            f"this sampler's data stream again (only TrainingSampler can be resumed exactly)"
+        )
         return build_detection_train_loader(cfg, mapper=mapper)
+
+    def resume_or_load(self, resume: bool = True):
+        """detectron2's resume_or_load, and: stale temporary files of interrupted saves are
+        removed, an unreadable newest checkpoint is passed over for the newest readable one
+        (with a warning), and the data stream continues at the resumed iteration."""
+        self.checkpointer.remove_stale_temporaries()
+        super().resume_or_load(resume=resume)
+        if self._sampler is not None:
+            self._sampler.start_at(self.start_iter, seed=self.seed)
+            # The sampler is read when the loader's iterator is made (by the first step);
+            # one made before this point would go on where it was.
+            if getattr(self._trainer, "_data_loader_iter_obj", None) is not None:
+                self._trainer._data_loader_iter_obj = None
+        elif self.start_iter:
+            logging.getLogger(__name__).warning(
+                f"Resuming at iteration {self.start_iter}: the data stream starts again"
+            )
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["seed"] = self.seed
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        logger = logging.getLogger(__name__)
+        seed = state_dict.get("seed")
+        if seed is None:
+            # A checkpoint written before seeds were saved.
+            logger.warning(f"The checkpoint has no seed: the resumed run uses seed {self.seed}, "
+                           f"so its data and random draws do not continue the earlier run's")
+            return
+        if self.cfg.SEED >= 0 and int(seed) != self.cfg.SEED:
+            logger.warning(f"Resuming a run of seed {seed}: SEED {self.cfg.SEED} is ignored")
+        self.seed = int(seed)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
-        prepare_dataset(dataset_name)
-        evaluator_type = check_dataset(dataset_name).evaluator_type
-        if evaluator_type != "coco":
-            raise ValueError(
-                f"dataset {dataset_name!r} has evaluator_type {evaluator_type!r}; "
-                f"train_net.py evaluates 'coco' instance segmentation"
-            )
+        prepare_dataset(dataset_name)  # generates the built-in data on first use
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        coco = COCOEvaluator(dataset_name, output_dir=output_folder)
-        if not cfg.TEST.UNIQUENESS.ENABLED:
-            return coco
-        if model is None:
-            raise ValueError("TEST.UNIQUENESS.ENABLED: the uniqueness evaluator needs the model")
-        uniqueness = QueryUniquenessEvaluator(cfg, dataset_name, model, output_folder)
-        return DatasetEvaluators([coco, uniqueness])
+        # COCO instances, COCO panoptic or semantic, by the dataset's evaluator_type.
+        evaluators = build_dataset_evaluators(cfg, dataset_name, output_folder)
+        if cfg.TEST.UNIQUENESS.ENABLED:
+            if model is None:
+                raise ValueError(
+                    "TEST.UNIQUENESS.ENABLED: the uniqueness evaluator needs the model")
+            evaluators.append(QueryUniquenessEvaluator(cfg, dataset_name, model, output_folder))
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -95,8 +175,10 @@ def load_for_evaluation(cfg, model, resume: bool = False) -> None:
             queue, is not needed).
     """
     checkpointer = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+    source = "MODEL.WEIGHTS"
     if resume and checkpointer.has_checkpoint():
-        path = checkpointer.get_checkpoint_file()
+        path = checkpointer.last_checkpoint_file()
+        source = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
     elif cfg.MODEL.WEIGHTS:
         path = cfg.MODEL.WEIGHTS
     elif cfg.TEST.ALLOW_RANDOM_WEIGHTS:
@@ -107,13 +189,13 @@ def load_for_evaluation(cfg, model, resume: bool = False) -> None:
             "--eval-only with MODEL.WEIGHTS '' would evaluate a randomly initialised model; "
             "set MODEL.WEIGHTS to a checkpoint (or TEST.ALLOW_RANDOM_WEIGHTS True)"
         )
-    checkpointer.load(path)
+    checkpointer.load(path, source=source)
     unloaded = checkpointer.unloaded_keys(ignore_modules=(PixelMemory,))
     if unloaded:
         shown = ", ".join(unloaded[:10]) + (f", ... ({len(unloaded)} in all)"
                                             if len(unloaded) > 10 else "")
         raise ValueError(
-            f"MODEL.WEIGHTS: {path} leaves {len(unloaded)} entries of the model's state "
+            f"{source}: {path} leaves {len(unloaded)} entries of the model's state "
             f"unloaded (missing or of another shape): {shown}. Is it a checkpoint of this "
             f"config's architecture ({cfg.MODEL.META_ARCHITECTURE})?"
         )
