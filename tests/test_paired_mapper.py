@@ -82,3 +82,20 @@ def test_base_mapper_keeps_instances_and_ids(dataset):
     assert out["image"].dtype == torch.uint8 and out["image"].shape[0] == 3
     assert len(out["instances"]) == len([a for a in dataset[0]["annotations"]])
     assert "annotations" not in out and out["image_id"] == dataset[0]["image_id"]
+
+
+def test_input_crop_crops_half_of_the_images_as_the_official_sparseinst_mapper(dataset):
+    # 128 px shapes: the official pre-resize to a 400/500/600 short side, then a 384-600 px
+    # crop, then the configured resize to 128: a crop shows as fewer or cut instances.
+    d = dataset[0]
+    plain = InstanceViewMapper(_cfg())
+    cropping = InstanceViewMapper(_cfg("INPUT.CROP.ENABLED", True, "INPUT.CROP.TYPE",
+                                       "absolute_range", "INPUT.CROP.SIZE", (384, 600)))
+    np.random.seed(0)
+    area = [plain(d)["instances"].gt_masks.tensor.sum().item() for _ in range(10)]
+    assert len(set(area)) <= 2  # flips only
+    np.random.seed(0)
+    views = [cropping(d) for _ in range(40)]
+    cropped = [v for v in views if v["instances"].gt_masks.tensor.sum().item() not in area]
+    assert 8 <= len(cropped) <= 32  # about half
+    assert all(max(v["image"].shape[1:]) <= 128 for v in views)

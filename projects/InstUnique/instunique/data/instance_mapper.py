@@ -27,12 +27,19 @@ def build_base_augmentation(cfg) -> List[T.Augmentation]:
             T.FixedSizeCrop((size, size), pad=False),
         ]
     if name == "instance":
-        return flip + [
-            T.ResizeShortestEdge(
-                cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
-                cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
-            )
-        ]
+        resize = T.ResizeShortestEdge(
+            cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+        )
+        if not cfg.INPUT.CROP.ENABLED:
+            return flip + [resize]
+        # The official SparseInst `_aug` recipe (its dataset_mapper.py): half of the images
+        # are first resized to a short side of 400/500/600 and cropped by INPUT.CROP, then
+        # resized as the others.
+        crop = T.AugmentationList([
+            T.ResizeShortestEdge([400, 500, 600], sample_style="choice"),
+            T.RandomCrop(cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE),
+        ])
+        return flip + [T.RandomApply(crop, prob=0.5), resize]
     raise ValueError(
         f"INPUT.DATASET_MAPPER_NAME={name!r} is unknown; use 'instance', "
         f"'coco_instance_lsj' or 'coco_panoptic_lsj'"
