@@ -105,6 +105,7 @@ def test_unknown_config_key_is_refused(tmp_path):
         ("EQUIVARIANCE.CROP_RANGE", "(0.6, 1.2)"),
         ("EQUIVARIANCE.ROTATION_RANGE", "(60.0, 0.0)"),
         ("EQUIVARIANCE.TRANSFORMS", "['flip', 'shear']"),
+        ("EQUIVARIANCE.TRANSFORMS", "[]"),
         ("EQUIVARIANCE.WEIGHT", "-1.0"),
         ("CROSS_IMAGE.WEIGHT", "-0.5"),
         ("CROSS_IMAGE.MEMORY_PIXELS", "-10"),
