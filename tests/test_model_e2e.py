@@ -8,7 +8,15 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from utils import CONFIGS, DATA, fake_pair, fake_view, get_config, tiny_opts, train_step
+from utils import (
+    CONFIGS,
+    fake_pair,
+    fake_view,
+    get_config,
+    read_reference,
+    tiny_opts,
+    train_step,
+)
 
 ALL_CONFIGS = sorted(
     os.path.relpath(p, CONFIGS)
@@ -16,14 +24,6 @@ ALL_CONFIGS = sorted(
     if not os.path.basename(p).startswith("Base-")
 )
 
-
-def read_reference(name):
-    with open(os.path.join(DATA, name)) as f:
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    return [
-        (k, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()))
-        for k, shape, _ in rows
-    ]
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS)

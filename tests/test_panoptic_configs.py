@@ -1,20 +1,9 @@
 """The panoptic configs: the official COCO panoptic model's parameters, shapes panoptic."""
-import os
 
 import pytest
 from detectron2.modeling import build_model
 
-from utils import DATA, get_config
-
-
-def read_reference(name):
-    """[(state_dict key, shape)] of a reference tsv (name, shape, dtype per line)."""
-    with open(os.path.join(DATA, name)) as f:
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    return [
-        (k, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()))
-        for k, shape, _ in rows
-    ]
+from utils import get_config, read_reference
 
 
 @pytest.mark.parametrize("path", [

@@ -13,21 +13,14 @@ from instunique.segmenters.sparseinst.config import add_sparseinst_config
 from instunique.segmenters.sparseinst.decoder import GroupInstanceBranch, kernel_masks
 from instunique.segmenters.sparseinst.inference import sparseinst_inference
 
-from utils import DATA, fake_view, get_config, train_step
+from utils import DATA, fake_view, get_config, read_reference, train_step
 
 R50 = "coco/instance-segmentation/sparseinst_R50_giam.yaml"
 SHAPES = "shapes/sparseinst_shapes.yaml"
 
 
-def read_reference(name):
-    with open(os.path.join(DATA, name)) as f:
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    return {k: tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-            for k, shape, _ in rows}
-
-
 def test_state_dict_matches_official_reference():
-    reference = read_reference("sparseinst_R50_giam.tsv")
+    reference = dict(read_reference("sparseinst_R50_giam.tsv"))
     for path in (R50, "coco/instance-segmentation/instunique_sparseinst_R50_giam.yaml"):
         model = build_model(get_config(path))
         ours = {k: tuple(v.shape) for k, v in model.state_dict().items()

@@ -15,6 +15,16 @@ CONFIGS = os.path.join(ROOT, "configs")
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
+def read_reference(name: str):
+    """[(state_dict key, shape)] of a reference tsv in tests/data (name, shape, dtype rows)."""
+    with open(os.path.join(DATA, name)) as f:
+        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+    return [
+        (k, tuple(int(s) for s in shape.strip("()").split(",") if s.strip()))
+        for k, shape, _ in rows
+    ]
+
+
 def get_config(path: str, *opts):
     cfg = get_cfg()
     add_instunique_config(cfg)
