@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Accuracy studies on the built-in data, several seeds each, paired by seed.
 
-Every arm is a full ``train_net.py`` run (training, then COCO mask evaluation on the
-config's test set); within a study, arms see the same number of images per iteration and
-the same schedule, and a seed gives every arm the same data order. Each table is followed
+Every arm is a full ``train_net.py`` run (training, then evaluation on the config's test
+set: COCO mask AP, or PQ for the panoptic study); within a study, arms see the same number
+of images per iteration and the same schedule, and a seed gives every arm the same data
+order. Each table is followed
 by every arm's paired difference to the first arm with a 95% t interval. Runs already
 finished are read back, so an interrupted study resumes where it stopped.
 
@@ -11,7 +12,8 @@ Studies: ``main``, ``transforms`` (Table S3), ``memory`` (Table S4): InstUnique 
 paired-view baseline on shapes; ``base_shapes``, ``base_blobs``: the base Mask2Former
 recipe against detectron2's Mask R-CNN, and one-change ablations of the recipe;
 ``uniqueness_crowd``: Eq. 5 / Eq. 8 variants on shapes_crowd; ``sparseinst``: InstUnique
-vs its paired-view baseline with SparseInst as the base segmenter.
+vs its paired-view baseline with SparseInst as the base segmenter; ``panoptic``: the same
+with panoptic Mask2Former on shapes_panoptic, scored by PQ.
 
     python benchmarks/accuracy_study.py --study main --seeds 0 1 2
     python benchmarks/accuracy_study.py --study transforms --seeds 0 --opts SOLVER.MAX_ITER 900
@@ -125,20 +127,31 @@ STUDIES["uniqueness_crowd"] = [
         CI + "WEIGHT", "1.0"]),
 ]
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+# Supp. Table S2 in miniature: panoptic Mask2Former on shapes_panoptic, scored by PQ.
+STUDIES["panoptic"] = [
+    ("baseline (paired views)", "configs/shapes/paired_views_mask2former_panoptic_shapes.yaml",
+     []),
+    ("InstUnique (stuff-aware Eq. 5)", "configs/shapes/instunique_mask2former_panoptic_shapes.yaml",
+     []),
+]
+# The evaluator's result group and figures each study reports: mask AP unless named here.
+TASKS = {"panoptic": ("panoptic_seg", ["PQ", "PQ_th", "PQ_st", "SQ", "RQ"])}
 
 
 def slug(text):
     return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()
 
 
-def read_run(out_dir):
-    """Final mask AP and the mean of every loss over the last 10% of iterations, or None."""
+def read_run(out_dir, task=("segm", METRICS)):
+    """The final figures of ``task`` (evaluator group, names; mask AP by default) and the
+    mean of every loss over the last 10% of iterations, or None."""
+    group, names = task
     path = os.path.join(out_dir, "metrics.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    final = [r for r in records if "segm/AP" in r]
+    final = [r for r in records if f"{group}/{names[0]}" in r]
     if not final:
         return None
     train = [r for r in records if "total_loss" in r]
@@ -149,7 +162,7 @@ def read_run(out_dir):
         if k.startswith("loss_") and not k[-1].isdigit()
     }
     return {
-        "metrics": {m: final[-1][f"segm/{m}"] for m in METRICS},
+        "metrics": {m: final[-1][f"{group}/{m}"] for m in names},
         # The query-uniqueness evaluator's figures, where the run had it on.
         "uniqueness": {k.split("/", 1)[1]: v for k, v in final[-1].items()
                        if k.startswith("uniqueness/")},
@@ -158,8 +171,8 @@ def read_run(out_dir):
     }
 
 
-def run_arm(config, opts, seed, out_dir, threads):
-    result = read_run(out_dir)
+def run_arm(config, opts, seed, out_dir, threads, task):
+    result = read_run(out_dir, task)
     if result is not None:
         return result
     os.makedirs(out_dir, exist_ok=True)
@@ -171,9 +184,9 @@ def run_arm(config, opts, seed, out_dir, threads):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}); see {out_dir}/stdout.log")
-    result = read_run(out_dir)
+    result = read_run(out_dir, task)
     if result is None:
-        raise RuntimeError(f"no segm/AP in {out_dir}/metrics.json")
+        raise RuntimeError(f"no {task[0]}/{task[1][0]} in {out_dir}/metrics.json")
     with open(os.path.join(out_dir, "wall_minutes.txt"), "w") as f:
         f.write(f"{(time.perf_counter() - start) / 60:.2f}\n")
     return result
@@ -264,6 +277,8 @@ def main():
 
     suffix = "" if not args.opts else "_" + slug("_".join(args.opts[1::2]))
     study_dir = os.path.join(os.path.abspath(args.root), args.study + suffix)
+    task = TASKS.get(args.study, ("segm", METRICS))
+    metrics = task[1]
     arms = [a for a in STUDIES[args.study] if not args.arms or a[0] in args.arms]
     unknown = set(args.arms or ()) - {a[0] for a in arms}
     if unknown:
@@ -275,7 +290,7 @@ def main():
     def work(job):
         arm, config, opts, seed = job
         out_dir = os.path.join(study_dir, slug(arm), f"seed{seed}")
-        result = run_arm(config, [*opts, *args.opts], seed, out_dir, args.threads)
+        result = run_arm(config, [*opts, *args.opts], seed, out_dir, args.threads, task)
         if args.train_ap:
             result["train_AP"] = train_ap(config, [*opts, *args.opts], out_dir, args.threads)
         return arm, seed, dict(result, seed=seed)
@@ -285,12 +300,12 @@ def main():
 
     rows = []
     print(f"\n{args.study} study, overrides {args.opts or 'none'}; seeds {args.seeds}\n")
-    columns = METRICS + (["train AP"] if args.train_ap else [])
+    columns = metrics + (["train AP"] if args.train_ap else [])
     print("| arm | seeds | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for arm, _, _ in arms:
         runs = [r for a, _, r in results if a == arm]
-        stats = {m: mean_std([r["metrics"][m] for r in runs]) for m in METRICS}
+        stats = {m: mean_std([r["metrics"][m] for r in runs]) for m in metrics}
         if args.train_ap:
             stats["train AP"] = mean_std([r["train_AP"] for r in runs])
         losses = {k: statistics.mean(r["final_losses"].get(k, 0.0) for r in runs)
@@ -299,7 +314,7 @@ def main():
         cells = " | ".join("n/a" if math.isnan(m) else f"{m:.1f}" if len(runs) == 1
                            else f"{m:.1f} ± {s:.1f}" for m, s in stats.values())
         print(f"| {arm} | {len(runs)} | {cells} |")
-    print_paired(rows, "metrics", ["AP", "AP50", "AP75"])
+    print_paired(rows, "metrics", metrics[:3])
     uniqueness = sorted({k for row in rows for r in row["runs"] for k in r["uniqueness"]})
     if uniqueness:
         print("\nquery uniqueness (mean ± std):\n")
