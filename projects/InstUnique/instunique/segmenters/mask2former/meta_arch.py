@@ -11,6 +11,7 @@ from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
 from ...data.panoptic import thing_contiguous_ids
+from ..query_segmenter import QuerySegmenter
 from .criterion import SetCriterion
 from .head import build_mask2former_head
 from .inference import instance_inference, panoptic_inference, semantic_inference
@@ -18,7 +19,7 @@ from .matcher import HungarianMatcher
 
 
 @META_ARCH_REGISTRY.register()
-class Mask2Former(nn.Module):
+class Mask2Former(QuerySegmenter):
     """Backbone -> InstUniqueMaskFormerHead -> set criterion (training) or inference:
     semantic, panoptic and instance outputs per MODEL.MASK_FORMER.TEST's switches.
 
@@ -143,20 +144,6 @@ class Mask2Former(nn.Module):
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         losses, indices = self.criterion(outputs, targets, pixel_valid, matching, terms)
         return {k: v * weights[k] for k, v in losses.items() if k in weights}, indices
-
-    def forward(self, batched_inputs: List[Dict]):
-        """
-        Args:
-            batched_inputs: detectron2 dicts with "image" (3, H, W) and, in training,
-                "instances"; "height"/"width" give the output resolution at inference.
-        Returns:
-            training: a dict of losses; inference: a list of {"instances": Instances}.
-        """
-        images = self.preprocess_image(batched_inputs)
-        outputs = self.predict(images)
-        if self.training:
-            return self.losses(outputs, self.prepare_targets(batched_inputs, images))[0]
-        return self.inference(outputs, batched_inputs, images)
 
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList):
         """Per image a dict with "sem_seg" (K, H, W), "panoptic_seg" ((H, W) int32,

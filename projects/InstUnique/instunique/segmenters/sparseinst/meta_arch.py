@@ -8,6 +8,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_bac
 from detectron2.structures import BitMasks, ImageList, PolygonMasks
 from torch import nn
 
+from ..query_segmenter import QuerySegmenter
 from .criterion import build_sparseinst_criterion
 from .decoder import build_sparseinst_decoder
 from .encoder import build_sparseinst_encoder
@@ -20,7 +21,7 @@ _MIN_SIZE_DIVISIBILITY = 32
 
 
 @META_ARCH_REGISTRY.register()
-class SparseInst(nn.Module):
+class SparseInst(QuerySegmenter):
     """Backbone -> instance context encoder -> IAM decoder -> criterion (training) or
     thresholded, NMS-free inference.
 
@@ -115,20 +116,6 @@ class SparseInst(nn.Module):
         """Weighted losses and the matching (``matching``, when given, is used instead of
         the matcher's; ``terms`` restricts the criterion's terms, e.g. to ``("masks",)``)."""
         return self.criterion(outputs, targets, pixel_valid, matching, terms)
-
-    def forward(self, batched_inputs: List[Dict]):
-        """
-        Args:
-            batched_inputs: detectron2 dicts with "image" (3, H, W) and, in training,
-                "instances"; "height"/"width" give the output resolution at inference.
-        Returns:
-            training: a dict of losses; inference: a list of {"instances": Instances}.
-        """
-        images = self.preprocess_image(batched_inputs)
-        outputs = self.predict(images)
-        if self.training:
-            return self.losses(outputs, self.prepare_targets(batched_inputs, images))[0]
-        return self.inference(outputs, batched_inputs, images)
 
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList):
         padded = tuple(images.tensor.shape[-2:])
