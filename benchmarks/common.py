@@ -82,12 +82,13 @@ def machine() -> str:
 
 def build_step(config, device, pairs, cross, memory, equi, opts=()):
     """One optimizer step of an InstUnique model (terms switched by ``cross``/``equi``) on a
-    fixed batch of ``pairs`` paired views, as a closure. A non-empty memory starts full:
-    the cost measured is the steady state."""
+    fixed batch of ``pairs`` paired views, as a closure. ``memory`` None keeps the config's
+    capacity. A non-empty memory starts full: the cost measured is the steady state."""
+    capacity = [] if memory is None else ["MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", memory]
     cfg = load_config(config, [
         "MODEL.DEVICE", device,
         "MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", cross,
-        "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", memory,
+        *capacity,
         "MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", equi,
         *opts,
     ])

@@ -30,6 +30,8 @@ VARIANTS = {
     "+ cross-image, memory 100k": (True, 100000, False),
     "+ equivariance": (False, 0, True),
     "all (memory 100k)": (True, 100000, True),
+    # What a user of the config trains: every term at the config's own memory capacity.
+    "all (the config's defaults)": (True, None, True),
 }
 
 
