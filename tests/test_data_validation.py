@@ -269,3 +269,21 @@ def test_unreadable_image_mid_training_names_dataset_image_id_and_file(tmp_path)
     with pytest.raises(OSError, match=re.escape(
             f"cannot read image {record['file_name']!r} (image id 2) of dataset {name!r}: ")):
         mapper(record)
+
+
+@pytest.mark.parametrize("key, what", [("pan_seg_file_name", "panoptic PNG"),
+                                       ("sem_seg_file_name", "semantic PNG")])
+def test_missing_label_png_fails_before_training_naming_it_and_the_image_id(tmp_path, key,
+                                                                              what):
+    json_file, image_root = _write(str(tmp_path / "d"))
+    records = [{"file_name": os.path.join(image_root, f"{i:03d}.png"), "image_id": i,
+                "height": SIZE, "width": SIZE, "segments_info": [],
+                key: os.path.join(image_root, f"{i:03d}.png")} for i in (1, 2)]
+    missing = str(tmp_path / "labels" / "002.png")
+    records[1][key] = missing
+    name = f"labels_{key}_{tmp_path.name}"
+    DatasetCatalog.register(name, lambda: records)
+    with pytest.raises(ValueError) as e:
+        validate_datasets(_cfg(tmp_path, train=[name]))
+    assert f"dataset {name!r}: 1 of 2 images cannot be read: image id 2, {what} " \
+           f"{missing!r}: file not found" in str(e.value)

@@ -4,8 +4,11 @@ The data of a run, checked once before its first iteration (train_net.py's ``set
 :func:`validate_datasets` reads every dataset the run uses and finds up front what would
 otherwise surface hours later, in a loader worker or the final evaluation:
 
-- a missing or undecodable image: an error naming the dataset, image id and file; with
-  ``DATALOADER.SKIP_BAD_IMAGES`` the image is left out instead, with a logged count;
+- a missing or undecodable image, panoptic PNG or semantic PNG: an error naming the
+  dataset, image id and file; with ``DATALOADER.SKIP_BAD_IMAGES`` the image is left out
+  instead, with a logged count. (Whether a panoptic PNG's segment ids match its
+  ``segments_info`` needs a full decode, minutes on COCO: the mapper checks that when it
+  reads the image, naming the PNG and the image id.);
 - no masks: a dataset whose annotations have no ``segmentation`` (box-only) fails; a few
   annotations without one are dropped, logged with their ids (detectron2's
   ``annotations_to_instances`` fails on a batch mixing both);
@@ -71,6 +74,23 @@ def _image_problem(path: str) -> Optional[str]:
     return None
 
 
+# The files a dataset dict points at besides its image, and what to call each in a message.
+_LABEL_FILES = (("pan_seg_file_name", "panoptic PNG"), ("sem_seg_file_name", "semantic PNG"))
+
+
+def _record_problem(record: Dict) -> Optional[str]:
+    """Why the image of ``record`` or one of its label PNGs cannot be read, or None."""
+    problem = _image_problem(record["file_name"])
+    if problem:
+        return f"file {record['file_name']!r}: {problem}"
+    for key, what in _LABEL_FILES:
+        if key in record:
+            problem = _image_problem(record[key])
+            if problem:
+                return f"{what} {record[key]!r}: {problem}"
+    return None
+
+
 def _sorted_ids(ids: List) -> List:
     try:
         return sorted(ids)
@@ -85,11 +105,11 @@ def _quote(items: List, limit: int, sep: str = ", ") -> str:
 
 def _readable_records(name: str, records: List[Dict], skip: bool) -> List[Dict]:
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        problems = list(pool.map(_image_problem, [r["file_name"] for r in records]))
+        problems = list(pool.map(_record_problem, records))
     bad = [(r, p) for r, p in zip(records, problems) if p]
     if not bad:
         return records
-    shown = [f"image id {r.get('image_id')}, file {r['file_name']!r}: {p}" for r, p in bad]
+    shown = [f"image id {r.get('image_id')}, {p}" for r, p in bad]
     text = (f"dataset {name!r}: {len(bad)} of {len(records)} images cannot be read: "
             + _quote(shown, _SHOWN_IMAGES, "; "))
     if not skip or len(bad) == len(records):
