@@ -7,6 +7,8 @@
     # [image | baseline | InstUnique | ground truth] rows over a registered dataset
     python demo/demo.py --config-file CFG --dataset shapes_val --max-images 8 \
         --compare-weights baseline.pth --output out/ --opts MODEL.WEIGHTS instunique.pth
+    # more checkpoints of the same config: one panel (or query-response row) each
+    python demo/demo.py ... --compare-weights a.pth b.pth --names A B C --opts MODEL.WEIGHTS c.pth
     # one query's mask logits on its image and on two others; a file name for --output
     # puts the rows of all images into that one figure
     python demo/demo.py ... --query-response [--query 3] [--num-others 2] --output fig.png
@@ -88,13 +90,15 @@ def get_parser() -> argparse.ArgumentParser:
                    f"{FIGURE_MIN_SIDE} px on the short side")
 
     cmp = p.add_argument_group("comparison with a baseline")
-    cmp.add_argument("--compare-weights", metavar="PTH",
-                     help="baseline checkpoint, same config as the main model")
+    cmp.add_argument("--compare-weights", metavar="PTH", nargs="+",
+                     help="baseline checkpoint(s), same config as the main model; shown "
+                     "before it, in this order")
     cmp.add_argument("--baseline-config", metavar="FILE",
                      help="baseline config (weights: --baseline-weights or its MODEL.WEIGHTS)")
     cmp.add_argument("--baseline-weights", metavar="PTH", help="baseline checkpoint")
-    cmp.add_argument("--names", nargs=2, default=("baseline", "InstUnique"),
-                     metavar=("BASELINE", "MODEL"), help="captions of the two models")
+    cmp.add_argument("--names", nargs="+", default=None, metavar="NAME",
+                     help="captions of the models, baselines first and the main model last "
+                     "(default with one baseline: baseline InstUnique)")
 
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--query-response", action="store_true",
@@ -119,6 +123,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError("give either --compare-weights or --baseline-config/--baseline-weights")
     if args.baseline_weights and not args.baseline_config:
         raise ValueError("--baseline-weights needs --baseline-config (or use --compare-weights)")
+    models = 1 + (len(args.compare_weights) if args.compare_weights else
+                  1 if args.baseline_config else 0)
+    if args.names is not None and len(args.names) != models:
+        raise ValueError(f"--names gives {len(args.names)} captions for {models} models "
+                         "(the baselines, then the main model)")
+    if args.names is None and models > 2:
+        raise ValueError(f"--names: {models} models need a caption each (the baselines, then "
+                         "the main model)")
     if args.max_images is not None and args.max_images < 1:
         raise ValueError(f"--max-images must be >= 1, got {args.max_images}")
     if args.num_others < 0:
@@ -158,16 +170,19 @@ def model_configs(args: argparse.Namespace) -> List[Tuple[str, object]]:
     cfg = load_config(args.config_file, args.opts)
     check_weights(cfg)
     if not (args.compare_weights or args.baseline_config):
-        return [("", cfg)]
+        return [((args.names or [""])[0], cfg)]
     opts = _without_weights(args.opts)
+    bases = []
     if args.compare_weights:
-        base = load_config(args.config_file, opts + ["MODEL.WEIGHTS", args.compare_weights])
-        check_weights(base, "--compare-weights")
+        for weights in args.compare_weights:
+            bases.append(load_config(args.config_file, opts + ["MODEL.WEIGHTS", weights]))
+            check_weights(bases[-1], "--compare-weights")
     else:
         weights = ["MODEL.WEIGHTS", args.baseline_weights] if args.baseline_weights else []
-        base = load_config(args.baseline_config, opts + weights)
-        check_weights(base, "--baseline-weights" if weights else "baseline MODEL.WEIGHTS")
-    return [(args.names[0], base), (args.names[1], cfg)]
+        bases.append(load_config(args.baseline_config, opts + weights))
+        check_weights(bases[-1], "--baseline-weights" if weights else "baseline MODEL.WEIGHTS")
+    names = args.names or ("baseline", "InstUnique")
+    return list(zip(names, [*bases, cfg]))
 
 
 # ----------------------------------------------------------------------------- inputs

@@ -212,6 +212,30 @@ def test_query_response_figure_in_one_file(images, weights, tmp_path):
     assert _differ(first, second) > 0.1  # A is a different image in each row
 
 
+def test_query_response_rows_of_several_checkpoints(images, weights, tmp_path):
+    """--compare-weights with two checkpoints and --names: one row per model, in order
+    (baselines, then the main model); the same checkpoint twice gives identical rows."""
+    target = str(tmp_path / "three.png")
+    _run("--input", images[0], images[1], "--max-images", "1", "--query-response",
+         "--num-others", "1", "--scale", "1", "--output", target,
+         "--compare-weights", weights[1], weights[0], "--names", "b", "a", "a again",
+         weights_path=weights[0])
+    picture = cv2.imread(target)
+    row = caption_height(MODEL_SIZE) + MODEL_SIZE
+    assert picture.shape[0] == 3 * row + 2 * 8
+    rows = [picture[k * (row + 8): k * (row + 8) + row] for k in range(3)]
+    a, a_again = (_panels(r, 3, MODEL_SIZE) for r in rows[1:])
+    assert all(np.array_equal(x, y) for x, y in zip(a, a_again))
+    assert _differ(rows[0][row - MODEL_SIZE:], rows[1][row - MODEL_SIZE:]) > 0.05
+    with pytest.raises(ValueError, match="--names gives 2 captions for 3 models"):
+        _run("--input", images[0], "--output", str(tmp_path / "o.png"), "--query-response",
+             "--compare-weights", weights[1], weights[0], "--names", "b", "a",
+             weights_path=weights[0])
+    with pytest.raises(ValueError, match="--names: 3 models need a caption each"):
+        _run("--input", images[0], "--output", str(tmp_path / "o.png"), "--query-response",
+             "--compare-weights", weights[1], weights[0], weights_path=weights[0])
+
+
 def _instances(masks, scores, classes):
     inst = Instances(masks.shape[1:])
     inst.pred_masks = masks.float()
