@@ -1,11 +1,13 @@
 """
 Dataset registration and early, readable checks.
 
-Importing this module registers the built-in synthetic datasets ``shapes``, ``blobs`` and
-``shapes_crowd`` (``{name}_train`` / ``{name}_val``, see :mod:`.synthetic`) under
-``$DETECTRON2_DATASETS`` without touching the disk. COCO and the other builtin datasets
-are registered by detectron2 itself (``detectron2.data.datasets.builtin``) under the same
-root, read once when detectron2 is imported.
+Importing this module registers the built-in synthetic datasets ``shapes``, ``blobs``,
+``shapes_crowd`` and ``shapes_panoptic`` (``{name}_train`` / ``{name}_val``, see
+:mod:`.synthetic`) under ``$DETECTRON2_DATASETS`` without touching the disk. COCO and the
+other builtin datasets are registered by detectron2 itself
+(``detectron2.data.datasets.builtin``) under the same root, read once when detectron2 is
+imported; COCO panoptic with semantic PNGs (Mask2Former's names) by
+:mod:`.coco_panoptic_semseg`.
 
 Training and evaluation should call :func:`prepare_dataset` on every dataset they use
 before building loaders or evaluators: it turns "file not found deep inside a worker"
@@ -23,6 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 
 from .blobs import BLOBS
+from .coco_panoptic_semseg import register_coco_panoptic_with_sem_seg
 from .shapes import SHAPES, SHAPES_CROWD
 from .shapes_panoptic import SHAPES_PANOPTIC
 from .synthetic import materialize_synthetic, register_synthetic
@@ -56,6 +59,7 @@ def register_all(root=None) -> None:
         names = [f"{spec.folder}_{split}" for split in ("train", "val")]
         if not any(n in DatasetCatalog.list() for n in names):
             register_synthetic(spec, root)
+    register_coco_panoptic_with_sem_seg(root or _builtin_root())
 
 
 def _builtin_root() -> str:
@@ -100,6 +104,8 @@ def _missing_files_message(name: str, meta: Metadata, missing: List[str]) -> str
     lines += [f"  {field} = {getattr(meta, field)}" for field in missing]
     paths = [getattr(meta, f) for f in _PATH_FIELDS if isinstance(getattr(meta, f, None), str)]
     lines.append("Expected layout: " + " and ".join(as_layout(p) for p in paths))
+    if getattr(meta, "prepare_hint", None):
+        lines.append(f"Files derived from the dataset's own are made by: {meta.prepare_hint}")
     if any(p.startswith(prefix) for p in paths):
         lines.append(
             f"DETECTRON2_DATASETS was {root!r} when detectron2 registered {name!r}; "
