@@ -129,6 +129,12 @@ STUDIES["uniqueness_crowd"] = [
     # Added after seed 0: at weight 10 the official Eq. 5 acts but costs most of the AP.
     ("official Eq. 5 at weight 1, lambda 1", INSTUNIQUE, CROWD + OFFICIAL_EQ5 + [
         CI + "WEIGHT", "1.0"]),
+    # Added after the 5-seed arms: Alg. 1 with Eq. 5's gradient also into the batch's pixel
+    # embeddings (the detached look-alike pixels were our reading of why it cannot act).
+    ("InstUnique (Alg. 1) + pixel gradient into the batch", INSTUNIQUE, CROWD + [
+        CI + "PIXEL_GRADIENT", "batch"]),
+    ("official Eq. 5 + official Eq. 8 + pixel gradient into the batch", INSTUNIQUE,
+     CROWD + OFFICIAL_EQ5 + OFFICIAL_EQ8 + [CI + "PIXEL_GRADIENT", "batch"]),
     # The anchor: same data, iterations and 8 images per iteration, 40 detections.
     ("Mask R-CNN R18-FPN (detectron2)", MASK_RCNN_SHAPES, CROWD[:4] + CROWD[-2:]),
 ]

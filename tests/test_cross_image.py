@@ -311,9 +311,11 @@ def test_module_two_views_of_one_image_are_not_external():
 # ------------------------------------------------------------------ Eq. 5 variants
 def dense_variant(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, *, alpha=0.25,
                   gamma=2.0, loss="focal", temperature=1.0, hard_negatives="none",
-                  hard_threshold=0.8, topk=1, normalization="mean", num_masks=1.0):
-    """Every variant on the whole (R, N) matrix with autograd: the reference."""
-    z = queries @ pixels.detach().t()
+                  hard_threshold=0.8, topk=1, normalization="mean", num_masks=1.0,
+                  pixel_grad=False):
+    """Every variant on the whole (R, N) matrix with autograd: the reference (gradients
+    into ``pixels`` too with ``pixel_grad``)."""
+    z = queries @ (pixels if pixel_grad else pixels.detach()).t()
     target = (query_cls[:, None] == pixel_cls[None]) & (query_cls[:, None] >= 0)
     keep = query_ids[:, None] != pixel_ids[None]
     hard = torch.where(target, -z, z).detach() / temperature  # wrong-answer logit
@@ -493,13 +495,17 @@ def test_per_query_divides_by_the_number_of_target_masks():
     ("TEMPERATURE", 0.0),
 ])
 def test_bad_variants_fail_at_model_build_naming_the_key(key, value):
+    _assert_build_fails(key, value, f"MODEL.INST_UNIQUE.CROSS_IMAGE.{key} must be")
+
+
+def _assert_build_fails(key, value, match, *opts):
     from detectron2.modeling import build_model
 
     from utils import get_config, tiny_opts
 
     cfg = get_config("shapes/instunique_mask2former_shapes.yaml", *tiny_opts(),
-                     f"MODEL.INST_UNIQUE.CROSS_IMAGE.{key}", value)
-    with pytest.raises(ValueError, match=f"MODEL.INST_UNIQUE.CROSS_IMAGE.{key} must be"):
+                     f"MODEL.INST_UNIQUE.CROSS_IMAGE.{key}", value, *opts)
+    with pytest.raises(ValueError, match=match):
         build_model(cfg)
 
 
@@ -524,3 +530,68 @@ def test_variants_are_set_by_yaml_keys():
     assert cross.options["loss"] == "probability" and cross.options["temperature"] == 3.0
     assert cross.options["hard_negatives"] == "threshold"
     assert cross.options["normalization"] == "per_query"
+
+
+PIXEL_GRADIENT_VARIANTS = [
+    dict(),
+    dict(loss="probability", temperature=3.0, hard_negatives="threshold", hard_threshold=0.6),
+]
+
+
+@pytest.mark.parametrize("variant", range(len(PIXEL_GRADIENT_VARIANTS)))
+@pytest.mark.parametrize("chunk", [1, 5, 23])
+@pytest.mark.parametrize("rows", [10, 23])
+@pytest.mark.parametrize("stuff", [True, False])
+def test_pixel_gradient_equals_dense_autograd(variant, chunk, rows, stuff):
+    """grad_rows: the first ``rows`` pixels (the batch's) get the dense reference's gradient,
+    the others (the memory's) none; the queries' gradient is unchanged."""
+    opts = PIXEL_GRADIENT_VARIANTS[variant]
+    queries, pixels, qid, pid, qcls, pcls = make_problem(seed=7)
+    if not stuff:
+        qcls = torch.full_like(qcls, -1)
+    q1, p1 = queries.clone().requires_grad_(), pixels.clone().requires_grad_()
+    loss = external_focal_loss(q1, p1, qid, pid, qcls, pcls, chunk=chunk, grad_rows=rows,
+                               **opts)
+    (2.0 * loss).backward()
+    q2, p2 = queries.clone().requires_grad_(), pixels.clone().requires_grad_()
+    both = torch.cat([p2[:rows], p2[rows:].detach()])
+    ref = dense_variant(q2, both, qid, pid, qcls, pcls, pixel_grad=True, **opts)
+    (2.0 * ref).backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-10, atol=1e-14)
+    assert p1.grad[:rows].abs().sum() > 0 and not p1.grad[rows:].any()
+
+
+def test_pixel_gradient_reaches_the_batch_pixels_not_the_memory():
+    outputs, targets, matching, valid_hw, image_ids = make_batch(seed=4)
+    memory = make_memory()
+    loss, (feats, _, _) = make_loss(pixel_gradient="batch")(
+        outputs, targets, matching, valid_hw, image_ids, memory)
+    loss.backward()
+    grad = outputs.pixel_embeds.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # Only sampled cells of the valid area receive it; the memory gets nothing to enqueue
+    # with a graph, and its own tensor no gradient.
+    for k, (h, w) in enumerate(valid_hw):
+        assert not grad[k, :, h:].any() and not grad[k, :, :, w:].any()
+    assert not feats.requires_grad and memory.feats.grad is None
+    outputs_again = make_batch(seed=4)[0]
+    torch.manual_seed(0)
+    loss_detached, _ = make_loss()(outputs_again, targets, matching, valid_hw, image_ids,
+                                   memory)
+    torch.manual_seed(0)
+    same, _ = make_loss(pixel_gradient="batch")(make_batch(seed=4)[0], targets, matching,
+                                                valid_hw, image_ids, memory)
+    torch.testing.assert_close(same, loss_detached, rtol=1e-12, atol=0)  # same value
+
+
+@pytest.mark.parametrize("opts", [
+    ("MODEL.INST_UNIQUE.CROSS_IMAGE.NORMALIZATION", "per_query"),
+    ("MODEL.INST_UNIQUE.CROSS_IMAGE.HARD_NEGATIVES", "topk"),
+])
+def test_pixel_gradient_refuses_what_it_cannot_normalise(opts):
+    _assert_build_fails("PIXEL_GRADIENT", "batch",
+                        'MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT "batch" needs', *opts)
+    _assert_build_fails("PIXEL_GRADIENT", "all",
+                        "MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT must be one of")

@@ -61,6 +61,12 @@ def add_instunique_config(cfg):
     # summed over queries and divided by the number of ground-truth masks of the batch:
     # the base criterion's convention for its mask terms).
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.NORMALIZATION = "mean"
+    # Where Eq. 5's gradient goes: "none", the queries only (Alg. 1 detaches the external
+    # features) or "batch", also the pixel embeddings of the other images of the batch (the
+    # memory stays detached), so the pixel decoder too can make look-alike instances of
+    # different images answer differently. Ours, not the paper's: an ablation
+    # (README, shapes_crowd study). "batch" needs NORMALIZATION "mean" and no "topk".
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT = "none"
     # Pixel embeddings sampled per image and iteration from its unpadded area: they are the
     # other images' external features in this batch and enter the memory after the loss.
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.PIXELS_PER_IMAGE = 1024

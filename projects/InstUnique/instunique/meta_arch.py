@@ -81,6 +81,7 @@ class InstUnique(nn.Module):
                 hard_threshold=iu.CROSS_IMAGE.HARD_THRESHOLD,
                 topk=iu.CROSS_IMAGE.TOPK,
                 normalization=iu.CROSS_IMAGE.NORMALIZATION,
+                pixel_gradient=iu.CROSS_IMAGE.PIXEL_GRADIENT,
                 stuff_classes=(
                     training_stuff_classes(cfg.DATASETS.TRAIN)
                     if iu.CROSS_IMAGE.STUFF_TARGETS else ()

@@ -3,8 +3,9 @@
 A query of image b must fire on its own instance and on nothing in other images: its mask
 embedding e_bq is scored against external pixel embeddings f (other images of the batch
 and the memory) with logit z = e_bq . f and a loss towards 0. Only the query side learns:
-f is detached. Panoptic stuff (supp. S1): a query matched to a stuff segment of class c has
-target 1 on external pixels labelled c.
+f is detached (Alg. 1; PIXEL_GRADIENT "batch" lets the batch's f learn too). Panoptic
+stuff (supp. S1): a query matched to a stuff segment of class c has target 1 on external
+pixels labelled c.
 
 The paper's text leaves several choices open; each is an option here (and a config key
 under MODEL.INST_UNIQUE.CROSS_IMAGE, see config.py):
@@ -38,6 +39,7 @@ from .memory import PixelMemory
 from .sampling import sample_pixels, semantic_label_maps
 
 QUERIES = ("all", "matched")
+PIXEL_GRADIENTS = ("none", "batch")
 LOSSES = ("focal", "probability")
 HARD_NEGATIVES = ("none", "threshold", "topk")
 NORMALIZATIONS = ("mean", "per_query")
@@ -54,6 +56,7 @@ class _Options(NamedTuple):
     normalization: str  # one of NORMALIZATIONS
     num_masks: float
     chunk: int
+    grad_rows: int  # pixels [0, grad_rows) get a gradient (PIXEL_GRADIENT "batch")
 
 
 def _pair_terms(h: torch.Tensor, target: Optional[torch.Tensor], keep: Optional[torch.Tensor],
@@ -106,6 +109,9 @@ class _ExternalLoss(torch.autograd.Function):
     Per query, the summed loss and the number of kept pairs are accumulated, so both
     normalisations are exact after the last chunk.
 
+    With ``opts.grad_rows`` > 0 the first ``grad_rows`` pixels get their gradient the same
+    way (only with the "mean" normalisation, whose divisor is one scalar).
+
     Top-k hard negatives stream too: a running top-k of hardness logits (R, k) and their
     pixel indices is merged with each chunk (topk of the concatenation), so memory is
     O(R * (k + chunk)); the loss and its gradient are computed on the survivors at the
@@ -124,6 +130,8 @@ class _ExternalLoss(torch.autograd.Function):
         row_count = q.new_zeros(r)
         grad = torch.zeros_like(q)
         need_grad = ctx.needs_input_grad[0]
+        rows = opts.grad_rows if ctx.needs_input_grad[1] else 0
+        grad_pixels = q.new_zeros(rows, q.shape[1])
         own_ids = query_ids.unique()
         stuff = query_cls >= 0
         any_stuff = bool(stuff.any())
@@ -164,6 +172,9 @@ class _ExternalLoss(torch.autograd.Function):
                 row_count += f.shape[0] if keep is None else keep.sum(1)
                 if need_grad:
                     grad.addmm_(dz, f)
+                if start < rows:
+                    end = min(start + f.shape[0], rows)
+                    grad_pixels[start:end].addmm_(dz[:, : end - start].t(), q)
             if top is not None:
                 _topk_terms(top, q, pixels, query_cls, pixel_cls, stuff, any_stuff, opts,
                             row_loss, row_count, grad if need_grad else None)
@@ -171,18 +182,25 @@ class _ExternalLoss(torch.autograd.Function):
             count = row_count.sum().clamp(min=1.0)
             total = row_loss.sum() / count
             grad /= count
+            grad_pixels /= count
         else:
             per_query = row_count.clamp(min=1.0)
             total = (row_loss / per_query).sum() / opts.num_masks
             grad /= per_query[:, None] * opts.num_masks
-        ctx.save_for_backward(grad)
-        ctx.query_dtype = queries.dtype
+        ctx.save_for_backward(grad, grad_pixels)
+        ctx.dtypes = (queries.dtype, pixels.dtype)
+        ctx.num_pixels = pixels.shape[0]
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        (grad,) = ctx.saved_tensors
-        return (grad * grad_out).to(ctx.query_dtype), *([None] * 6)
+        grad, grad_pixels = ctx.saved_tensors
+        pixels = None
+        if ctx.needs_input_grad[1]:
+            pixels = grad_pixels.new_zeros(ctx.num_pixels, grad_pixels.shape[1])
+            pixels[: grad_pixels.shape[0]] = grad_pixels * grad_out
+            pixels = pixels.to(ctx.dtypes[1])
+        return (grad * grad_out).to(ctx.dtypes[0]), pixels, *([None] * 5)
 
 
 def _topk_terms(top, q, pixels, query_cls, pixel_cls, stuff, any_stuff, opts, row_loss,
@@ -212,12 +230,13 @@ def external_focal_loss(
     pixel_ids: torch.Tensor, query_cls: torch.Tensor, pixel_cls: torch.Tensor,
     alpha: float = 0.25, gamma: float = 2.0, chunk: int = 0, *, loss: str = "focal",
     temperature: float = 1.0, hard_negatives: str = "none", hard_threshold: float = 0.8,
-    topk: int = 1, normalization: str = "mean", num_masks: float = 1.0,
+    topk: int = 1, normalization: str = "mean", num_masks: float = 1.0, grad_rows: int = 0,
 ) -> torch.Tensor:
     """
     Args:
         queries: (R, C) query mask embeddings; gradients flow into them.
-        pixels: (N, C) external pixel embeddings; no gradient reaches them.
+        pixels: (N, C) external pixel embeddings; a gradient reaches the first
+            ``grad_rows`` of them (0: none; needs "mean" and no "topk").
         query_ids, pixel_ids: (R,), (N,) image ids; pairs from the same image are skipped.
         query_cls: (R,) stuff class a query is matched to, -1 for none (target 0 everywhere).
         pixel_cls: (N,) ground-truth class of each pixel (-1: none).
@@ -234,15 +253,19 @@ def external_focal_loss(
     _check_choice("loss", loss, LOSSES)
     _check_choice("hard_negatives", hard_negatives, HARD_NEGATIVES)
     _check_choice("normalization", normalization, NORMALIZATIONS)
+    if grad_rows and (normalization != "mean" or hard_negatives == "topk"):
+        raise ValueError("external_focal_loss: a pixel gradient (grad_rows > 0) needs "
+                         "normalization 'mean' and hard negatives other than 'topk'")
     if pixels.shape[0] == 0 or queries.shape[0] == 0:
-        return queries.sum() * 0.0
+        return queries.sum() * 0.0 + pixels.sum() * 0.0
     opts = _Options(
         float(alpha), float(gamma), loss, float(temperature), hard_negatives,
         float(hard_threshold), int(topk), normalization, float(max(num_masks, 1.0)),
         int(chunk) if chunk > 0 else _auto_chunk(queries.shape[0], queries.device),
+        min(int(grad_rows), pixels.shape[0]),
     )
-    return _ExternalLoss.apply(queries, pixels.detach(), query_ids, pixel_ids, query_cls,
-                               pixel_cls, opts)
+    return _ExternalLoss.apply(queries, pixels if grad_rows else pixels.detach(), query_ids,
+                               pixel_ids, query_cls, pixel_cls, opts)
 
 
 def _check_choice(name, value, choices):
@@ -280,10 +303,11 @@ _KEY = "MODEL.INST_UNIQUE.CROSS_IMAGE."
 
 
 def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
-                   hard_threshold, topk, normalization):
+                   hard_threshold, topk, normalization, pixel_gradient):
     """ValueError naming the config key of the first bad option."""
     for key, value, choices in (
         ("QUERIES", queries, QUERIES),
+        ("PIXEL_GRADIENT", pixel_gradient, PIXEL_GRADIENTS),
         ("LOSS", loss, LOSSES),
         ("HARD_NEGATIVES", hard_negatives, HARD_NEGATIVES),
         ("NORMALIZATION", normalization, NORMALIZATIONS),
@@ -299,6 +323,10 @@ def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
     ):
         if not ok:
             raise ValueError(f"{_KEY}{key} must be {rule}, got {value}")
+    if pixel_gradient == "batch" and (normalization != "mean" or hard_negatives == "topk"):
+        raise ValueError(f'{_KEY}PIXEL_GRADIENT "batch" needs {_KEY}NORMALIZATION "mean" '
+                         f'and {_KEY}HARD_NEGATIVES other than "topk", got '
+                         f"{normalization!r} and {hard_negatives!r}")
 
 
 class CrossImageLoss(nn.Module):
@@ -309,14 +337,16 @@ class CrossImageLoss(nn.Module):
         chunk_pixels: int, stride: int, stuff_classes: Sequence[int] = (),
         queries: str = "all", loss: str = "focal", temperature: float = 1.0,
         hard_negatives: str = "none", hard_threshold: float = 0.8, topk: int = 1,
-        normalization: str = "mean",
+        normalization: str = "mean", pixel_gradient: str = "none",
     ):
         """See the module docstring for the options; a bad one raises ValueError naming
         its MODEL.INST_UNIQUE.CROSS_IMAGE key."""
         super().__init__()
         _check_options(alpha=alpha, gamma=gamma, queries=queries, loss=loss,
                        temperature=temperature, hard_negatives=hard_negatives,
-                       hard_threshold=hard_threshold, topk=topk, normalization=normalization)
+                       hard_threshold=hard_threshold, topk=topk, normalization=normalization,
+                       pixel_gradient=pixel_gradient)
+        self.pixel_gradient = pixel_gradient
         self.weight = weight
         self.pixels_per_image = pixels_per_image
         self.alpha = alpha
@@ -366,7 +396,9 @@ class CrossImageLoss(nn.Module):
         f = outputs.pixel_embeds
         b, q, c = outputs.query_embeds.shape
         labels = semantic_label_maps(targets, self.stride, f.shape[-2:])
-        feats, pix_cls = sample_pixels(f.detach(), labels, valid_hw, self.pixels_per_image)
+        batch_grad = self.pixel_gradient == "batch"
+        feats, pix_cls = sample_pixels(f if batch_grad else f.detach(), labels, valid_hw,
+                                       self.pixels_per_image)
         feats, pix_cls = feats.reshape(-1, c), pix_cls.reshape(-1)
         pix_ids = image_ids.repeat_interleave(self.pixels_per_image)
         external = (feats, pix_cls, pix_ids)
@@ -387,6 +419,7 @@ class CrossImageLoss(nn.Module):
             num_masks = average_num_masks(targets, f.device)
         loss = external_focal_loss(
             query_embeds, external[0], query_ids, external[2], query_cls, external[1],
-            self.alpha, self.gamma, self.chunk_pixels, num_masks=num_masks, **self.options,
+            self.alpha, self.gamma, self.chunk_pixels, num_masks=num_masks,
+            grad_rows=feats.shape[0] if batch_grad else 0, **self.options,
         )
-        return loss * self.weight, (feats, pix_cls, pix_ids)
+        return loss * self.weight, (feats.detach(), pix_cls, pix_ids)
