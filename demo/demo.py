@@ -365,9 +365,15 @@ def video_path(args: argparse.Namespace) -> str:
     return os.path.join(output, stem + ext)
 
 
+# Figures are flat colour: zlib level 6 makes them ~3x smaller than cv2's default (RLE)
+# for ~0.1 s more per megapixel.
+_PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 6]
+
+
 def _write(path: str, picture: np.ndarray) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if not cv2.imwrite(path, np.ascontiguousarray(picture[:, :, ::-1])):
+    params = _PNG_PARAMS if path.lower().endswith(".png") else []
+    if not cv2.imwrite(path, np.ascontiguousarray(picture[:, :, ::-1]), params):
         raise OSError(f"could not write the picture {path}")
 
 
