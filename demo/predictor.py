@@ -7,6 +7,8 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
 
+from instunique.engine.trainer import load_for_evaluation
+
 __all__ = ["Predictor", "check_weights"]
 
 
@@ -25,12 +27,19 @@ class Predictor(DefaultPredictor):
     - return outputs at another size than the image's, e.g. the model's input size
       (``output_size``; see :meth:`prediction_size`),
     - give the model input it builds (:meth:`inputs`), for views that forward the model
-      themselves (query responses).
+      themselves (query responses),
+
+    and refuses a checkpoint that leaves model parameters unloaded or an empty
+    MODEL.WEIGHTS (unless TEST.ALLOW_RANDOM_WEIGHTS).
     """
 
     def __init__(self, cfg):
         check_weights(cfg)
         super().__init__(cfg)
+        # DefaultPredictor loads whatever matches and warns about the rest; a picture of a
+        # partly random model (another query count, another class count) is refused, as
+        # --eval-only refuses to score one.
+        load_for_evaluation(self.cfg, self.model)
         if not hasattr(self, "metadata"):  # set by DefaultPredictor only from DATASETS.TEST
             self.metadata = MetadataCatalog.get("__unused")
 

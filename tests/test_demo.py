@@ -487,6 +487,16 @@ def _train(config, dataset):
     ]))
 
 
+def _here(arg):
+    """A README argument as the test runs it: its datasets are the 2 images registered
+    here, and the accuracy study's checkpoints the one trained here."""
+    for name in ("shapes_val", "shapes_crowd_val"):
+        arg = arg.replace(name, "demoreadme_val")
+    if arg.startswith("benchmarks/results/accuracy/") and arg.endswith(".pth"):
+        return "output/instunique_mask2former_shapes/model_final.pth"
+    return arg
+
+
 def test_readme_demo_commands_run_as_written(tmp_path, monkeypatch):
     """Every command of the README's Pictures section, on a checkpoint trained here with
     the config those commands name; only the dataset (shapes_val -> 2 images) differs."""
@@ -513,7 +523,10 @@ def test_readme_demo_commands_run_as_written(tmp_path, monkeypatch):
     writer.release()
 
     for command in commands:
-        argv = ["demoreadme_val" if a == "shapes_val" else a for a in command[2:]]
+        argv = [_here(a) for a in command[2:]]
+        if "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES" in argv:  # the study's 40-query models
+            k = argv.index("MODEL.MASK_FORMER.NUM_OBJECT_QUERIES")
+            del argv[k:k + 2]
         written = README_SCRIPTS[command[1]](argv)
         if command[1] == "tools/plot_curves.py":
             assert cv2.imread(written) is not None
@@ -532,3 +545,14 @@ def test_readme_demo_commands_run_as_written(tmp_path, monkeypatch):
             assert len(written) == 2  # --max-images 8 of 2 images
             # Figures enlarge the 120 px images to 320 px, under a caption.
             assert pictures[0].shape[0] == FIGURE_SIDE + caption_height(FIGURE_SIDE)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused(images, weights, tmp_path):
+    """An 8-query checkpoint in a 12-query model would draw 4 random queries: refused,
+    naming the checkpoint and the parameters it leaves unloaded."""
+    argv = ["--config-file", CONFIG, "--input", images[0], "--output", str(tmp_path / "o"),
+            "--opts", *_opts(), "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "12",
+            "MODEL.WEIGHTS", weights[0]]
+    with pytest.raises(ValueError, match=f"MODEL.WEIGHTS: {re.escape(weights[0])} leaves "
+                                         r"\d+ entries .*query_feat"):
+        demo.main(argv)
