@@ -35,10 +35,14 @@ class Predictor(DefaultPredictor):
 
     def __init__(self, cfg):
         check_weights(cfg)
-        super().__init__(cfg)
-        # DefaultPredictor loads whatever matches and warns about the rest; a picture of a
-        # partly random model (another query count, another class count) is refused, as
-        # --eval-only refuses to score one.
+        # DefaultPredictor would load whatever matches and warn about the rest; the weights
+        # are loaded once, below, refusing a partly random model (another query count,
+        # another class count), as --eval-only refuses to score one.
+        unloaded = cfg.clone()
+        unloaded.defrost()
+        unloaded.MODEL.WEIGHTS = ""
+        super().__init__(unloaded)
+        self.cfg = cfg.clone()
         load_for_evaluation(self.cfg, self.model)
         if not hasattr(self, "metadata"):  # set by DefaultPredictor only from DATASETS.TEST
             self.metadata = MetadataCatalog.get("__unused")

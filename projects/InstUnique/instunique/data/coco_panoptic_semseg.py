@@ -25,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from .atomic_io import write_png
-from .panoptic import load_panoptic_json, read_segment_ids
+from .panoptic import IGNORE_LABEL, load_panoptic_json, read_segment_ids
 
 __all__ = [
     "COCO_SEMSEG_SPLITS",
@@ -34,7 +34,6 @@ __all__ = [
     "write_semantic_pngs",
 ]
 
-IGNORE_LABEL = 255
 # How to make the semantic PNGs; quoted when they are missing.
 PREPARE_HINT = ("python3 tools/prepare_coco_semantic_from_panoptic.py "
                 "--root $DETECTRON2_DATASETS/coco")

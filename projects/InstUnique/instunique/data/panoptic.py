@@ -28,6 +28,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 __all__ = [
+    "IGNORE_LABEL",
     "PanopticDataError",
     "load_panoptic_json",
     "panoptic_annotations",
@@ -36,6 +37,9 @@ __all__ = [
     "thing_contiguous_ids",
     "training_stuff_classes",
 ]
+
+
+IGNORE_LABEL = 255  # semantic PNG value of void pixels, detectron2's ignore_label
 
 
 class PanopticDataError(ValueError):

@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, NamedTuple, Tuple
 import numpy as np
 
 from .atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
-from .panoptic import load_panoptic_json
+from .panoptic import IGNORE_LABEL, load_panoptic_json
 
 __all__ = [
     "IGNORE_LABEL",
@@ -34,7 +34,6 @@ __all__ = [
     "write_panoptic_split",
 ]
 
-IGNORE_LABEL = 255  # semantic PNG value of void pixels, detectron2's ignore_label
 _SEGMENT_ID_STRIDE = 1000
 
 
