@@ -25,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from .atomic_io import write_png
-from .panoptic import IGNORE_LABEL, load_panoptic_json, read_segment_ids
+from .panoptic import IGNORE_LABEL, class_metadata, load_panoptic_json, read_segment_ids
 
 __all__ = [
     "COCO_SEMSEG_SPLITS",
@@ -109,26 +109,10 @@ def write_semantic_pngs(
     return len(jobs)
 
 
-def _metadata() -> Dict:
-    names = [c["name"] for c in COCO_CATEGORIES]
-    colors = [c["color"] for c in COCO_CATEGORIES]
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(COCO_CATEGORIES) if c["isthing"]},
-        # Every category, as Mask2Former's registration: SemSegEvaluator maps each
-        # predicted class back through it.
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(COCO_CATEGORIES)},
-    }
-
-
 def register_coco_panoptic_with_sem_seg(root: str) -> None:
     """Register the names of :data:`COCO_SEMSEG_SPLITS` under ``root`` (nothing is read
     until a dataset is loaded); names already registered are left alone."""
-    metadata = _metadata()
+    metadata = class_metadata(COCO_CATEGORIES)
     for name, parts in COCO_SEMSEG_SPLITS.items():
         if name in DatasetCatalog.list():
             continue

@@ -30,6 +30,7 @@ from PIL import Image
 __all__ = [
     "IGNORE_LABEL",
     "PanopticDataError",
+    "class_metadata",
     "load_panoptic_json",
     "panoptic_annotations",
     "read_segment_ids",
@@ -44,6 +45,24 @@ IGNORE_LABEL = 255  # semantic PNG value of void pixels, detectron2's ignore_lab
 
 class PanopticDataError(ValueError):
     """A panoptic annotation that contradicts its PNG or its JSON."""
+
+
+def class_metadata(categories: List[Dict]) -> Dict:
+    """The class fields of standard panoptic metadata (the convention above) for COCO-style
+    ``categories`` (dicts with "id", "name", "color", "isthing"), in their list order."""
+    names = [c["name"] for c in categories]
+    colors = [[int(v) for v in c["color"]] for c in categories]
+    return {
+        "thing_classes": names,
+        "thing_colors": colors,
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(categories) if c["isthing"]},
+        # Every category, as Mask2Former's registration: SemSegEvaluator maps each
+        # predicted class back through it.
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
+    }
 
 
 def thing_contiguous_ids(metadata) -> Tuple[int, ...]:

@@ -23,7 +23,7 @@ from typing import Dict, Iterable, List, NamedTuple, Tuple
 import numpy as np
 
 from .atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
-from .panoptic import IGNORE_LABEL, load_panoptic_json
+from .panoptic import IGNORE_LABEL, class_metadata, load_panoptic_json
 
 __all__ = [
     "IGNORE_LABEL",
@@ -67,9 +67,6 @@ def panoptic_metadata(spec, paths: PanopticPaths) -> Dict:
     """MetadataCatalog fields of a split: those detectron2's ``register_coco_panoptic``
     sets (the convention of :mod:`.panoptic`), plus ``sem_seg_root`` for the semantic
     PNGs. No ``json_file``: there is no instances JSON, so no COCO mask AP."""
-    names = [*spec.classes, *spec.stuff_classes]
-    colors = [[int(c) for c in color] for color in spec.colors]
-    num_things = len(spec.classes)
     return {
         "panoptic_root": paths.panoptic_root,
         "image_root": paths.image_root,
@@ -78,15 +75,7 @@ def panoptic_metadata(spec, paths: PanopticPaths) -> Dict:
         "evaluator_type": "coco_panoptic_seg",
         "ignore_label": IGNORE_LABEL,
         "label_divisor": _SEGMENT_ID_STRIDE,
-        # detectron2's standard panoptic metadata names every class in both lists.
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(num_things)},
-        # Every class, things included (Mask2Former's registration does the same):
-        # SemSegEvaluator maps every predicted class back through this mapping.
-        "stuff_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(names))},
+        **class_metadata(_categories(spec)),
     }
 
 
