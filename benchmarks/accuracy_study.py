@@ -100,6 +100,19 @@ STUDIES["base_blobs"] = [
     # Added after seed 0 of the arms above: they fit only 17 AP of their own training
     # images in 600 iterations; is it the step size? (The recipe since.)
     ("TRAIN_NUM_POINTS 12544 + large-scale jitter + BASE_LR 0.002", M2F_BLOBS, []),
+    # One change each on the recipe: the knobs of the issue not yet measured on blobs.
+    ("recipe + BASE_LR 0.004", M2F_BLOBS, ["SOLVER.BASE_LR", "0.004"]),
+    ("recipe + no-object weight 0.3", M2F_BLOBS, ["MODEL.MASK_FORMER.NO_OBJECT_WEIGHT", "0.3"]),
+    ("recipe + 50 queries", M2F_BLOBS, ["MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "50",
+                                        "TEST.DETECTIONS_PER_IMAGE", "50"]),
+    ("recipe + 6 decoder layers", M2F_BLOBS, ["MODEL.MASK_FORMER.DEC_LAYERS", "6"]),
+    ("recipe + mask features 128 wide", M2F_BLOBS, ["MODEL.SEM_SEG_HEAD.CONVS_DIM", "128",
+                                                     "MODEL.SEM_SEG_HEAD.MASK_DIM", "128"]),
+    ("recipe + BN in the pixel decoder", M2F_BLOBS, ["MODEL.SEM_SEG_HEAD.NORM", "BN"]),
+    ("recipe without deep supervision", M2F_BLOBS, ["MODEL.MASK_FORMER.DEEP_SUPERVISION",
+                                                    "False"]),
+    ("recipe + mask position features", M2F_BLOBS,
+     ["MODEL.MASK_FORMER.MASK_POSITION_FEATURES", "True"]),
 ]
 # Supp. Table S1 in miniature: SparseInst, its paired-view baseline against InstUnique.
 STUDIES["sparseinst"] = [
