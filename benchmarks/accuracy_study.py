@@ -48,6 +48,7 @@ MASK_RCNN_SHAPES = "configs/shapes/mask_rcnn_R18_FPN_shapes.yaml"
 M2F_SHAPES = "configs/shapes/mask2former_shapes.yaml"
 MASK_RCNN_BLOBS = "configs/blobs/mask_rcnn_R18_FPN_blobs.yaml"
 M2F_BLOBS = "configs/blobs/mask2former_blobs.yaml"
+SPARSEINST_BLOBS = "configs/blobs/sparseinst_blobs.yaml"
 
 # name -> list of (arm, config, extra opts)
 STUDIES = {
@@ -113,6 +114,8 @@ STUDIES["base_blobs"] = [
                                                     "False"]),
     ("recipe + mask position features", M2F_BLOBS,
      ["MODEL.MASK_FORMER.MASK_POSITION_FEATURES", "True"]),
+    # The other base segmenter, with the recipe's data and solver.
+    ("SparseInst, the recipe's data and solver", SPARSEINST_BLOBS, []),
 ]
 # Supp. Table S1 in miniature: SparseInst, its paired-view baseline against InstUnique.
 STUDIES["sparseinst"] = [

@@ -52,3 +52,10 @@ def test_mask2former_recipe_trains_and_evaluates(config, tiny_blobs, tmp_path):
     train = [r for r in rows if "loss_dice" in r]
     assert train and all(r["loss_dice"] > 0 for r in train)
     assert "segm/AP" in rows[-1]
+
+
+def test_sparseinst_recipe_trains_and_evaluates(tiny_blobs, tmp_path):
+    rows = _run("blobs/sparseinst_blobs.yaml", tmp_path, tiny_blobs)
+    train = [r for r in rows if "loss_dice" in r]
+    assert train and all(r["loss_dice"] > 0 and r["loss_objectness"] > 0 for r in train)
+    assert "segm/AP" in rows[-1]
