@@ -3,6 +3,8 @@ scores, a panoptic segmentation, and ``Instances`` (the three inferences of the
 Mask2Former paper, Sec. 4 and its released code's defaults)."""
 from typing import Collection, Dict, List, Optional, Tuple
 
+import cv2
+import numpy as np
 import torch
 from detectron2.structures import BitMasks, Instances
 
@@ -77,7 +79,7 @@ def panoptic_inference(
 
 def instance_inference(
     class_logits: torch.Tensor, mask_logits: torch.Tensor, image_size, topk: int,
-    thing_classes: Optional[Collection[int]] = None,
+    thing_classes: Optional[Collection[int]] = None, largest_component: bool = False,
 ) -> Instances:
     """Top-k (query, class) pairs of one image, rescored by mask confidence.
 
@@ -88,6 +90,8 @@ def instance_inference(
         topk: number of (query, class) pairs drawn.
         thing_classes: if given (panoptic models), the pairs of other classes (stuff) are
             dropped after the top-k, as the official inference does.
+        largest_component: each mask cut to its largest connected piece (see
+            :func:`largest_components`) before its score and box.
     Returns:
         Instances with pred_masks (N, H, W) float {0,1}, pred_boxes, scores, pred_classes;
         N = topk, or fewer with ``thing_classes``.
@@ -105,6 +109,8 @@ def instance_inference(
     mask_logits = mask_logits[query_idx]
 
     masks = (mask_logits > 0).float()
+    if largest_component:
+        masks = largest_components(masks)
     # Mean foreground probability inside the predicted mask: down-weights blurry masks.
     mask_scores = (mask_logits.sigmoid().flatten(1) * masks.flatten(1)).sum(1) / (
         masks.flatten(1).sum(1) + 1e-6
@@ -115,3 +121,15 @@ def instance_inference(
     result.scores = top_scores * mask_scores
     result.pred_classes = labels
     return result
+
+
+def largest_components(masks: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) {0, 1} masks, each cut to its largest 8-connected piece (the first in
+    scan order on a tie); empty masks stay empty. Labelled by OpenCV on the CPU; returned
+    on the masks' device and dtype."""
+    binary = masks.detach().to("cpu", torch.uint8).numpy()
+    for m in binary:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+        if count > 2:  # background and two or more pieces
+            m[:] = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return torch.from_numpy(binary).to(masks.device, masks.dtype)

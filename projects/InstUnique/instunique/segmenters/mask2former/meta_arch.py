@@ -46,9 +46,11 @@ class Mask2Former(QuerySegmenter):
         overlap_threshold: float = 0.8,
         sem_seg_postprocess_before_inference: bool = False,
         thing_classes: Optional[Sequence[int]] = None,
+        largest_component: bool = False,
     ):
         """thing_classes: contiguous ids of the thing classes; needed by panoptic inference
-        (which also restricts the instances to things); None: every class is a thing."""
+        (which also restricts the instances to things); None: every class is a thing.
+        largest_component: instance masks cut to their largest connected piece."""
         super().__init__()
         if not (semantic_on or instance_on or panoptic_on):
             raise ValueError(
@@ -68,6 +70,7 @@ class Mask2Former(QuerySegmenter):
         self.panoptic_on = panoptic_on
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
+        self.largest_component = largest_component
         # The official switch; instance and panoptic inference force it (they need masks
         # at the output resolution).
         self.resize_before_inference = (
@@ -100,6 +103,7 @@ class Mask2Former(QuerySegmenter):
             "sem_seg_postprocess_before_inference":
                 mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
             "thing_classes": _test_thing_classes(cfg) if mf.TEST.PANOPTIC_ON else None,
+            "largest_component": mf.TEST.LARGEST_COMPONENT,
         }
 
     @property
@@ -181,7 +185,7 @@ class Mask2Former(QuerySegmenter):
         if self.instance_on:
             result["instances"] = instance_inference(
                 class_logits, masks, tuple(output_size), self.test_topk_per_image,
-                self.thing_classes if self.panoptic_on else None,
+                self.thing_classes if self.panoptic_on else None, self.largest_component,
             )
         return result
 
