@@ -144,6 +144,11 @@ STUDIES["sparseinst"] = [
      ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
     ("official Eq. 8 (lambda 0.3, no base loss on x')",
      "configs/shapes/instunique_sparseinst_shapes.yaml", OFFICIAL_EQ8),
+    # Added after seed 0 of the two arms above: with Eq. 5 on, lambda 0.2 loses as much as
+    # lambda 1, and cross-image querying alone (16.2 AP) as much as both terms.
+    ("equivariance only", "configs/shapes/instunique_sparseinst_shapes.yaml", CROSS_OFF),
+    ("Eq. 5 on matched queries only", "configs/shapes/instunique_sparseinst_shapes.yaml",
+     [CI + "QUERIES", "matched"]),
 ]
 # Instance-unique querying where look-alike instances crowd every image: shapes_crowd,
 # 8-20 instances per image, so 40 queries. Both configs turn the uniqueness evaluator on.
