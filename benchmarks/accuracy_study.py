@@ -149,6 +149,11 @@ STUDIES["sparseinst"] = [
     ("equivariance only", "configs/shapes/instunique_sparseinst_shapes.yaml", CROSS_OFF),
     ("Eq. 5 on matched queries only", "configs/shapes/instunique_sparseinst_shapes.yaml",
      [CI + "QUERIES", "matched"]),
+    # Added after seed 0 of the two above (equivariance only 19.4 AP): lighter terms.
+    ("equivariance only, lambda 0.2", "configs/shapes/instunique_sparseinst_shapes.yaml",
+     CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
+    ("cross-image only, weight 0.1", "configs/shapes/instunique_sparseinst_shapes.yaml",
+     EQUI_OFF + [CI + "WEIGHT", "0.1"]),
 ]
 # Instance-unique querying where look-alike instances crowd every image: shapes_crowd,
 # 8-20 instances per image, so 40 queries. Both configs turn the uniqueness evaluator on.
