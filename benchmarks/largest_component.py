@@ -10,13 +10,12 @@ import argparse
 import json
 import logging
 import os
-import statistics
 
 import torch
+from accuracy_study import paired_difference
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
-from scipy import stats
 
 from common import dataset_dicts, load_config, machine, test_inputs
 
@@ -31,14 +30,6 @@ def mask_ap(model, inputs, dataset):
     evaluator.process(inputs, [{"instances": o["instances"].to("cpu")} for o in outputs])
     segm = evaluator.evaluate()["segm"]
     return {k: segm[k] for k in FIGURES}
-
-
-def interval(diffs):
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def main():
@@ -73,11 +64,10 @@ def main():
     for r in rows:
         cells = " | ".join(f"{r['off'][f]:.1f} | {r['on'][f]:.1f}" for f in FIGURES)
         print(f"| {r['weights']} | {cells} |")
-    summary = {}
-    for f in FIGURES:
-        summary[f] = interval([r["on"][f] - r["off"][f] for r in rows])
+    summary = {f: paired_difference([(r["on"][f], r["off"][f]) for r in rows]) for f in FIGURES}
     print("\npaired difference (on - off), mean [95% t interval]: " + ", ".join(
-        f"{f} {m:+.1f} [{lo:+.1f}, {hi:+.1f}]" for f, (m, lo, hi) in summary.items()))
+        f"{f} {m:+.1f}" + ("" if half is None else f" [{m - half:+.1f}, {m + half:+.1f}]")
+        for f, (m, half) in summary.items()))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump({"machine": machine(), "args": vars(args), "runs": rows,
