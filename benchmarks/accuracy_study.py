@@ -12,9 +12,8 @@ Studies: ``main``, ``transforms`` (Table S3), ``memory`` (Table S4): InstUnique 
 paired-view baseline on shapes; ``base_shapes``, ``base_blobs``: the base Mask2Former
 recipe against detectron2's Mask R-CNN, and one-change ablations of the recipe;
 ``uniqueness_crowd``, ``uniqueness_shapes``: Eq. 5 / Eq. 8 variants on shapes_crowd and
-shapes; ``sparseinst``: InstUnique
-vs its paired-view baseline with SparseInst as the base segmenter; ``panoptic``: the same
-with panoptic Mask2Former on shapes_panoptic, scored by PQ.
+shapes; ``sparseinst``: InstUnique vs its paired-view baseline with SparseInst as the base
+segmenter; ``panoptic``: the same with panoptic Mask2Former on shapes_panoptic, scored by PQ.
 
     python benchmarks/accuracy_study.py --study main --seeds 0 1 2
     python benchmarks/accuracy_study.py --study transforms --seeds 0 --opts SOLVER.MAX_ITER 900
@@ -49,6 +48,8 @@ M2F_SHAPES = "configs/shapes/mask2former_shapes.yaml"
 MASK_RCNN_BLOBS = "configs/blobs/mask_rcnn_R18_FPN_blobs.yaml"
 M2F_BLOBS = "configs/blobs/mask2former_blobs.yaml"
 SPARSEINST_BLOBS = "configs/blobs/sparseinst_blobs.yaml"
+SI_BASELINE = "configs/shapes/paired_views_sparseinst_shapes.yaml"
+SI_INSTUNIQUE = "configs/shapes/instunique_sparseinst_shapes.yaml"
 
 # name -> list of (arm, config, extra opts)
 STUDIES = {
@@ -134,32 +135,27 @@ OFFICIAL_EQ8 = ["MODEL.INST_UNIQUE.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW", "Fals
                 "MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.3"]
 # Supp. Table S1 in miniature: SparseInst, its paired-view baseline against InstUnique.
 STUDIES["sparseinst"] = [
-    ("baseline (paired views)", "configs/shapes/paired_views_sparseinst_shapes.yaml", []),
-    ("InstUnique", "configs/shapes/instunique_sparseinst_shapes.yaml", []),
+    ("baseline (paired views)", SI_BASELINE, []),
+    ("InstUnique", SI_INSTUNIQUE, []),
     # Added after seed 0 (InstUnique 17.2 AP against 33.6, its class loss higher): which
     # term? SparseInst has no deep supervision, so L_equi at lambda 1 is as heavy as its
     # whole base loss (for the shapes Mask2Former, one of its 4 supervised outputs).
-    ("cross-image only", "configs/shapes/instunique_sparseinst_shapes.yaml", EQUI_OFF),
-    ("InstUnique, lambda 0.2", "configs/shapes/instunique_sparseinst_shapes.yaml",
-     ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
-    ("official Eq. 8 (lambda 0.3, no base loss on x')",
-     "configs/shapes/instunique_sparseinst_shapes.yaml", OFFICIAL_EQ8),
+    ("cross-image only", SI_INSTUNIQUE, EQUI_OFF),
+    ("InstUnique, lambda 0.2", SI_INSTUNIQUE, ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
+    ("official Eq. 8 (lambda 0.3, no base loss on x')", SI_INSTUNIQUE, OFFICIAL_EQ8),
     # Added after seed 0 of the two arms above: with Eq. 5 on, lambda 0.2 loses as much as
     # lambda 1, and cross-image querying alone (16.2 AP) as much as both terms.
-    ("equivariance only", "configs/shapes/instunique_sparseinst_shapes.yaml", CROSS_OFF),
-    ("Eq. 5 on matched queries only", "configs/shapes/instunique_sparseinst_shapes.yaml",
-     [CI + "QUERIES", "matched"]),
+    ("equivariance only", SI_INSTUNIQUE, CROSS_OFF),
+    ("Eq. 5 on matched queries only", SI_INSTUNIQUE, [CI + "QUERIES", "matched"]),
     # Added after seed 0 of the two above (equivariance only 19.4 AP): lighter terms.
-    ("equivariance only, lambda 0.2", "configs/shapes/instunique_sparseinst_shapes.yaml",
+    ("equivariance only, lambda 0.2", SI_INSTUNIQUE,
      CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
-    ("cross-image only, weight 0.1", "configs/shapes/instunique_sparseinst_shapes.yaml",
-     EQUI_OFF + [CI + "WEIGHT", "0.1"]),
+    ("cross-image only, weight 0.1", SI_INSTUNIQUE, EQUI_OFF + [CI + "WEIGHT", "0.1"]),
     # Every arm with a term ends at nearly the same class loss (0.51-0.58 against 0.34):
     # at weight 0 a term changes no gradient, so these must match the baseline unless its
     # mere presence has a side effect.
-    ("cross-image only, weight 0", "configs/shapes/instunique_sparseinst_shapes.yaml",
-     EQUI_OFF + [CI + "WEIGHT", "0.0"]),
-    ("equivariance only, lambda 0", "configs/shapes/instunique_sparseinst_shapes.yaml",
+    ("cross-image only, weight 0", SI_INSTUNIQUE, EQUI_OFF + [CI + "WEIGHT", "0.0"]),
+    ("equivariance only, lambda 0", SI_INSTUNIQUE,
      CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.0"]),
 ]
 # Instance-unique querying where look-alike instances crowd every image: shapes_crowd,

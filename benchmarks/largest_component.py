@@ -42,8 +42,9 @@ def main():
 
     cfg = load_config(args.config, ["MODEL.DEVICE", "cpu", *args.opts])
     dataset = cfg.DATASETS.TEST[0]
-    inputs = test_inputs(cfg, len(dataset_dicts(dataset)))
-    for d, x in zip(dataset_dicts(dataset), inputs):
+    dicts = dataset_dicts(dataset)
+    inputs = test_inputs(cfg, len(dicts))
+    for d, x in zip(dicts, inputs):
         x["image_id"] = d["image_id"]
     logging.getLogger("detectron2").setLevel(logging.WARNING)
     rows = []
