@@ -50,6 +50,7 @@ M2F_BLOBS = "configs/blobs/mask2former_blobs.yaml"
 SPARSEINST_BLOBS = "configs/blobs/sparseinst_blobs.yaml"
 SI_BASELINE = "configs/shapes/paired_views_sparseinst_shapes.yaml"
 SI_INSTUNIQUE = "configs/shapes/instunique_sparseinst_shapes.yaml"
+NO_CLIP = ["SOLVER.CLIP_GRADIENTS.ENABLED", "False"]
 
 # name -> list of (arm, config, extra opts)
 STUDIES = {
@@ -157,6 +158,12 @@ STUDIES["sparseinst"] = [
     ("cross-image only, weight 0", SI_INSTUNIQUE, EQUI_OFF + [CI + "WEIGHT", "0.0"]),
     ("equivariance only, lambda 0", SI_INSTUNIQUE,
      CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.0"]),
+    # Our shapes configs clip the whole model's gradient norm to 1 (the Mask2Former recipe);
+    # the official SparseInst recipe does not clip. Every step is clipped (the base
+    # gradient's norm is ~5 on the kernel layer alone), so a term's gradient rescales the
+    # base loss's in every step, by a factor that varies from step to step.
+    ("baseline, no gradient clipping (official SparseInst)", SI_BASELINE, NO_CLIP),
+    ("InstUnique, no gradient clipping", SI_INSTUNIQUE, NO_CLIP),
 ]
 # Instance-unique querying where look-alike instances crowd every image: shapes_crowd,
 # 8-20 instances per image, so 40 queries. Both configs turn the uniqueness evaluator on.
