@@ -46,7 +46,7 @@ def _upsample(logits: torch.Tensor, stride: int) -> torch.Tensor:
 
 def through_stride(masks: torch.Tensor, stride: int) -> torch.Tensor:
     """(N, H, W) bool masks after a stride-``stride`` map: cell occupancy, bilinear back."""
-    n, h, w = masks.shape
+    h, w = masks.shape[-2:]
     pad_h, pad_w = -h % stride, -w % stride
     occupancy = F.avg_pool2d(F.pad(masks[:, None].float(), (0, pad_w, 0, pad_h)), stride)
     return _upsample(occupancy - 0.5, stride)[:, 0, :h, :w] > 0
@@ -76,7 +76,7 @@ def fitted_through_stride(masks: torch.Tensor, stride: int, steps: int = 300,
     window of cells ``margin`` beyond its extent (far cells only need to stay negative);
     the window's border is the image's or lies where the logits are negative, so its
     upsampling equals the whole map's."""
-    n, h, w = masks.shape
+    h, w = masks.shape[-2:]
     padded = F.pad(masks.float(), (0, -w % stride, 0, -h % stride))
     valid = F.pad(torch.ones(1, h, w), (0, -w % stride, 0, -h % stride))
     corners, (cells_y, cells_x) = _windows(masks, stride, margin)
