@@ -10,6 +10,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -32,6 +33,16 @@ def dataset_dicts(name: str):
     """The dataset dicts of ``name``, generating the built-in data on first use."""
     prepare_dataset(name)
     return DatasetCatalog.get(name)
+
+
+def coco_mask_ap(dataset: str, inputs, instances, figures=("AP", "AP50", "AP75")) -> dict:
+    """COCO mask AP ``figures`` of per-image ``instances`` (on the CPU) for ``inputs``
+    (dicts with "image_id") of ``dataset``."""
+    evaluator = COCOEvaluator(dataset, tasks=("segm",), output_dir=None)
+    evaluator.reset()
+    evaluator.process(inputs, [{"instances": i} for i in instances])
+    segm = evaluator.evaluate()["segm"]
+    return {k: segm[k] for k in figures}
 
 
 def test_inputs(cfg, count: int):

@@ -14,10 +14,9 @@ import os
 import torch
 from accuracy_study import paired_difference
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 
-from common import dataset_dicts, load_config, machine, test_inputs
+from common import coco_mask_ap, dataset_dicts, load_config, machine, test_inputs
 
 FIGURES = ("AP", "AP50", "AP75")
 
@@ -25,11 +24,7 @@ FIGURES = ("AP", "AP50", "AP75")
 def mask_ap(model, inputs, dataset):
     with torch.no_grad():
         outputs = [model([x])[0] for x in inputs]
-    evaluator = COCOEvaluator(dataset, tasks=("segm",), output_dir=None)
-    evaluator.reset()
-    evaluator.process(inputs, [{"instances": o["instances"].to("cpu")} for o in outputs])
-    segm = evaluator.evaluate()["segm"]
-    return {k: segm[k] for k in FIGURES}
+    return coco_mask_ap(dataset, inputs, [o["instances"].to("cpu") for o in outputs], FIGURES)
 
 
 def main():

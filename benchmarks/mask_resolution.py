@@ -25,11 +25,10 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from detectron2.data import detection_utils as utils
-from detectron2.evaluation import COCOEvaluator
 from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.structures import BitMasks, Instances
 
-from common import dataset_dicts, machine
+from common import coco_mask_ap, dataset_dicts, machine
 
 FIGURES = ("AP", "AP50", "AP75")
 
@@ -122,15 +121,12 @@ def reduce_all(gts: List[Instances], reduce, chunk: int = 256) -> List[torch.Ten
 
 
 def mask_ap(dataset, records, gts, reduce) -> dict:
-    evaluator = COCOEvaluator(dataset, tasks=("segm",), output_dir=None)
-    evaluator.reset()
-    for record, gt, masks in zip(records, gts, reduce_all(gts, reduce)):
-        pred = Instances(gt.image_size, pred_masks=masks, pred_classes=gt.gt_classes,
-                         pred_boxes=BitMasks(masks).get_bounding_boxes(),
-                         scores=torch.ones(len(gt)))
-        evaluator.process([{"image_id": record["image_id"]}], [{"instances": pred}])
-    segm = evaluator.evaluate()["segm"]
-    return {k: segm[k] for k in FIGURES}
+    preds = []
+    for gt, masks in zip(gts, reduce_all(gts, reduce)):
+        preds.append(Instances(gt.image_size, pred_masks=masks, pred_classes=gt.gt_classes,
+                               pred_boxes=BitMasks(masks).get_bounding_boxes(),
+                               scores=torch.ones(len(gt))))
+    return coco_mask_ap(dataset, [{"image_id": r["image_id"]} for r in records], preds, FIGURES)
 
 
 def main():
