@@ -312,10 +312,12 @@ def test_module_two_views_of_one_image_are_not_external():
 def dense_variant(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, *, alpha=0.25,
                   gamma=2.0, loss="focal", temperature=1.0, hard_negatives="none",
                   hard_threshold=0.8, topk=1, normalization="mean", num_masks=1.0,
-                  pixel_grad=False):
+                  pixel_grad=False, offset=None):
     """Every variant on the whole (R, N) matrix with autograd: the reference (gradients
-    into ``pixels`` too with ``pixel_grad``)."""
+    into ``pixels`` too with ``pixel_grad``; ``offset`` (R,) subtracted from every logit)."""
     z = queries @ (pixels if pixel_grad else pixels.detach()).t()
+    if offset is not None:
+        z = z - offset[:, None]
     target = (query_cls[:, None] == pixel_cls[None]) & (query_cls[:, None] >= 0)
     keep = query_ids[:, None] != pixel_ids[None]
     hard = torch.where(target, -z, z).detach() / temperature  # wrong-answer logit
@@ -493,6 +495,7 @@ def test_per_query_divides_by_the_number_of_target_masks():
     ("FOCAL_ALPHA", 1.5),
     ("FOCAL_GAMMA", -1.0),
     ("TEMPERATURE", 0.0),
+    ("REFERENCE", "previous"),
 ])
 def test_bad_variants_fail_at_model_build_naming_the_key(key, value):
     _assert_build_fails(key, value, f"MODEL.INST_UNIQUE.CROSS_IMAGE.{key} must be")
@@ -595,3 +598,68 @@ def test_pixel_gradient_refuses_what_it_cannot_normalise(opts):
                         'MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT "batch" needs', *opts)
     _assert_build_fails("PIXEL_GRADIENT", "all",
                         "MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT must be one of")
+
+
+# ----------------------------------------------------------- own-instance reference (ours)
+def own_means(pixel_embeds, targets, matching):
+    """(B, Q, C) by hand: make_batch's masks are constant over each STRIDE x STRIDE cell, so
+    the matched instance's mean embedding is the plain mean over its cells."""
+    f = pixel_embeds.detach()
+    out = torch.zeros(f.shape[0], 3, f.shape[1], dtype=f.dtype)
+    for k, (src, tgt) in enumerate(matching):
+        for s, t in zip(src.tolist(), tgt.tolist()):
+            cells = targets[k]["masks"][t, ::STRIDE, ::STRIDE]
+            out[k, s] = f[k][:, cells].mean(1)
+    return out
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(loss="probability", temperature=3.0,
+                                               hard_negatives="threshold", hard_threshold=0.5)])
+def test_own_instance_reference_equals_dense_reference(opts):
+    outputs, targets, matching, valid_hw, image_ids = make_batch(seed=7)
+    memory = make_memory()
+    torch.manual_seed(4)
+    loss, (feats, cls, ids) = make_loss(queries="matched", reference="own_instance", **opts)(
+        outputs, targets, matching, valid_hw, image_ids, memory
+    )
+    loss.backward()
+    rows = torch.tensor([1] * 9 + [1, 0, 1], dtype=torch.bool)  # image 3: queries 2 and 0
+    queries = outputs.query_embeds.detach().clone().requires_grad_()
+    e = queries.reshape(12, 6)[rows]
+    own = own_means(outputs.pixel_embeds, targets, matching).reshape(12, 6)[rows]
+    query_cls = torch.tensor([-1, 2, -1, 2, -1, -1, -1, 2, -1, -1, 2])  # stuff class 2
+    mem_feats, mem_cls, mem_ids = memory.contents()
+    ref = 2.5 * dense_variant(e, torch.cat([feats, mem_feats.double()]),
+                              image_ids.repeat_interleave(3)[rows], torch.cat([ids, mem_ids]),
+                              query_cls, torch.cat([cls, mem_cls]), offset=(e * own).sum(1),
+                              **opts)
+    ref.backward()
+    assert ref.item() > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    torch.testing.assert_close(outputs.query_embeds.grad, queries.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_own_instance_reference_leaves_a_look_alike_of_the_own_instance_alone():
+    """An external pixel equal to the query's own instance cannot be told apart from it:
+    no gradient with the reference, where Eq. 5 at target 0 lowers the query."""
+    outputs, targets, _, valid_hw, _ = make_batch(seed=8)
+    matching = [(torch.tensor([1]), torch.tensor([2]))] + [
+        (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))] * 3
+    own = own_means(outputs.pixel_embeds, targets, matching)[0, 1]
+    memory = PixelMemory(capacity=4, dim=6)
+    memory.enqueue(own.float().expand(4, 6), torch.full((4,), -1), torch.full((4,), 12))
+    same_image = torch.tensor([7, 7, 7, 7])  # the batch's own pixels are not external
+    grads = {}
+    for reference in ("none", "own_instance"):
+        outputs.query_embeds.grad = None
+        loss, _ = make_loss(queries="matched", reference=reference, stuff_classes=())(
+            outputs, targets, matching, valid_hw, same_image, memory)
+        loss.backward()
+        grads[reference] = outputs.query_embeds.grad[0, 1]
+    assert grads["none"].norm() > 1e-3
+    assert grads["own_instance"].norm() < 1e-6  # the memory holds float32 copies
+
+
+def test_own_instance_reference_needs_matched_queries():
+    _assert_build_fails("REFERENCE", "own_instance",
+                        'MODEL.INST_UNIQUE.CROSS_IMAGE.REFERENCE "own_instance" needs')

@@ -67,6 +67,13 @@ def add_instunique_config(cfg):
     # different images answer differently. Ours, not the paper's: an ablation
     # (README, shapes_crowd study). "batch" needs NORMALIZATION "mean" and no "topk".
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT = "none"
+    # What an external logit z = e . f is measured against: "none" (z itself, target 0: the
+    # paper's Eq. 5) or "own_instance" (z - e . r, r the mean pixel embedding of the query's
+    # matched instance in its own image, so the loss asks "fires on the external pixel less
+    # than on its own instance" and its gradient moves e along f - r). Ours, not the
+    # paper's: Eq. 5 at target 0 makes queries timid on look-alike data (README,
+    # shapes_crowd study). Needs QUERIES "matched".
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.REFERENCE = "none"
     # Pixel embeddings sampled per image and iteration from its unpadded area: they are the
     # other images' external features in this batch and enter the memory after the loss.
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.PIXELS_PER_IMAGE = 1024

@@ -82,6 +82,7 @@ class InstUnique(nn.Module):
                 topk=iu.CROSS_IMAGE.TOPK,
                 normalization=iu.CROSS_IMAGE.NORMALIZATION,
                 pixel_gradient=iu.CROSS_IMAGE.PIXEL_GRADIENT,
+                reference=iu.CROSS_IMAGE.REFERENCE,
                 stuff_classes=(
                     training_stuff_classes(cfg.DATASETS.TRAIN)
                     if iu.CROSS_IMAGE.STUFF_TARGETS else ()

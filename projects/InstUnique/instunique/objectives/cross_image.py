@@ -20,7 +20,13 @@ under MODEL.INST_UNIQUE.CROSS_IMAGE, see config.py):
   hardest external pixels of each query);
 - normalisation: "mean" over the kept (query, pixel) pairs (Alg. 1, and the official
   CondInst mean), or "per_query": each query's mean over its kept pixels, summed over
-  queries and divided by the number of ground-truth masks (the base criterion's way).
+  queries and divided by the number of ground-truth masks (the base criterion's way);
+- the reference of a logit (ours, not the paper's): "none" (z itself, target 0: an
+  external response is wrong however weak the query's own one) or "own_instance" (z - z_own,
+  with z_own = e . r and r the mean pixel embedding of the query's matched instance in its
+  own image: an external pixel is scored by how it answers against the query's own
+  instance, and its gradient, along f - r, moves e towards what tells the two apart rather
+  than only lowering both; matched queries only).
 
 "Hardness" of a pair is h = z for target 0 and h = -z for target 1 (a stuff query on a
 pixel of its class): the logit of the wrong answer. With it, every target reads as target
@@ -43,6 +49,7 @@ PIXEL_GRADIENTS = ("none", "batch")
 LOSSES = ("focal", "probability")
 HARD_NEGATIVES = ("none", "threshold", "topk")
 NORMALIZATIONS = ("mean", "per_query")
+REFERENCES = ("none", "own_instance")
 
 
 class _Options(NamedTuple):
@@ -303,7 +310,7 @@ _KEY = "MODEL.INST_UNIQUE.CROSS_IMAGE."
 
 
 def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
-                   hard_threshold, topk, normalization, pixel_gradient):
+                   hard_threshold, topk, normalization, pixel_gradient, reference):
     """ValueError naming the config key of the first bad option."""
     for key, value, choices in (
         ("QUERIES", queries, QUERIES),
@@ -311,6 +318,7 @@ def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
         ("LOSS", loss, LOSSES),
         ("HARD_NEGATIVES", hard_negatives, HARD_NEGATIVES),
         ("NORMALIZATION", normalization, NORMALIZATIONS),
+        ("REFERENCE", reference, REFERENCES),
     ):
         if value not in choices:
             raise ValueError(f"{_KEY}{key} must be one of {choices}, got {value!r}")
@@ -327,6 +335,9 @@ def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
         raise ValueError(f'{_KEY}PIXEL_GRADIENT "batch" needs {_KEY}NORMALIZATION "mean" '
                          f'and {_KEY}HARD_NEGATIVES other than "topk", got '
                          f"{normalization!r} and {hard_negatives!r}")
+    if reference == "own_instance" and queries != "matched":
+        raise ValueError(f'{_KEY}REFERENCE "own_instance" needs {_KEY}QUERIES "matched" (an '
+                         f"unmatched query has no instance of its own), got {queries!r}")
 
 
 class CrossImageLoss(nn.Module):
@@ -337,7 +348,7 @@ class CrossImageLoss(nn.Module):
         chunk_pixels: int, stride: int, stuff_classes: Sequence[int] = (),
         queries: str = "all", loss: str = "focal", temperature: float = 1.0,
         hard_negatives: str = "none", hard_threshold: float = 0.8, topk: int = 1,
-        normalization: str = "mean", pixel_gradient: str = "none",
+        normalization: str = "mean", pixel_gradient: str = "none", reference: str = "none",
     ):
         """See the module docstring for the options; a bad one raises ValueError naming
         its MODEL.INST_UNIQUE.CROSS_IMAGE key."""
@@ -345,8 +356,9 @@ class CrossImageLoss(nn.Module):
         _check_options(alpha=alpha, gamma=gamma, queries=queries, loss=loss,
                        temperature=temperature, hard_negatives=hard_negatives,
                        hard_threshold=hard_threshold, topk=topk, normalization=normalization,
-                       pixel_gradient=pixel_gradient)
+                       pixel_gradient=pixel_gradient, reference=reference)
         self.pixel_gradient = pixel_gradient
+        self.reference = reference
         self.weight = weight
         self.pixels_per_image = pixels_per_image
         self.alpha = alpha
@@ -379,6 +391,23 @@ class CrossImageLoss(nn.Module):
             out[b, src.to(device)] = True
         return out
 
+    def own_instance_embeddings(self, pixel_embeds: torch.Tensor, targets: List[dict],
+                                matching: Matching, num_queries: int) -> torch.Tensor:
+        """(B, Q, C): per matched query, the mean of its image's (detached) pixel embeddings
+        over its target mask, each cell weighted by the share of it the mask covers (so an
+        instance smaller than a cell still has one); zeros for unmatched queries."""
+        f = pixel_embeds.detach()
+        b, c, h, w = f.shape
+        out = f.new_zeros(b, num_queries, c)
+        for k, (src, tgt) in enumerate(matching):
+            if len(tgt) == 0:
+                continue
+            masks = targets[k]["masks"][tgt.to(targets[k]["masks"].device)].to(f.dtype)
+            cover = F.avg_pool2d(masks[:, None], self.stride)[:, 0, :h, :w].flatten(1)
+            weights = cover / cover.sum(1, keepdim=True).clamp(min=1e-12)
+            out[k, src.to(f.device)] = weights @ f[k].flatten(1).t()
+        return out
+
     def forward(
         self, outputs: SegmenterOutputs, targets: List[dict], matching: Matching,
         valid_hw: List[Tuple[int, int]], image_ids: torch.Tensor,
@@ -408,6 +437,12 @@ class CrossImageLoss(nn.Module):
         query_embeds = outputs.query_embeds.reshape(b * q, c)
         query_ids = image_ids.repeat_interleave(q)
         query_cls = self.query_stuff_classes(targets, matching, (b, q)).reshape(-1)
+        if self.reference == "own_instance":
+            # z - z_own = [e, -e . r] . [f, 1]: one more channel, the same kernel.
+            own = self.own_instance_embeddings(f, targets, matching, q).reshape(b * q, c)
+            query_embeds = torch.cat([query_embeds, -(query_embeds * own).sum(1, True)], 1)
+            external = (torch.cat([external[0], external[0].new_ones(len(external[0]), 1)], 1),
+                        *external[1:])
         if self.queries == "matched":
             # Indexing keeps the graph: unmatched queries get exactly zero gradient.
             rows = self.matched_queries(matching, (b, q), query_embeds.device).reshape(-1)
