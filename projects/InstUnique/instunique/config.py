@@ -71,8 +71,9 @@ def add_instunique_config(cfg):
     # paper's Eq. 5) or "own_instance" (z - e . r, r the mean pixel embedding of the query's
     # matched instance in its own image, so the loss asks "fires on the external pixel less
     # than on its own instance" and its gradient moves e along f - r). Ours, not the
-    # paper's: Eq. 5 at target 0 makes queries timid on look-alike data (README,
-    # shapes_crowd study). Needs QUERIES "matched".
+    # paper's: Eq. 5 at target 0 makes queries timid on look-alike data. With the official
+    # Eq. 5 on shapes it lowers external firing by a fifth and duplicates, still at a cost
+    # in AP (README, Eq. 5 / Eq. 8 variants). Needs QUERIES "matched".
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.REFERENCE = "none"
     # Pixel embeddings sampled per image and iteration from its unpadded area: they are the
     # other images' external features in this batch and enter the memory after the loss.
