@@ -51,6 +51,7 @@ SPARSEINST_BLOBS = "configs/blobs/sparseinst_blobs.yaml"
 SI_BASELINE = "configs/shapes/paired_views_sparseinst_shapes.yaml"
 SI_INSTUNIQUE = "configs/shapes/instunique_sparseinst_shapes.yaml"
 NO_CLIP = ["SOLVER.CLIP_GRADIENTS.ENABLED", "False"]
+TERMS_CLIP = "MODEL.INST_UNIQUE.TERMS_CLIP_VALUE"
 
 # name -> list of (arm, config, extra opts)
 STUDIES = {
@@ -185,6 +186,11 @@ STUDIES["sparseinst"] = [
     # base loss's in every step, by a factor that varies from step to step.
     ("baseline, no gradient clipping (official SparseInst)", SI_BASELINE, NO_CLIP),
     ("InstUnique, no gradient clipping", SI_INSTUNIQUE, NO_CLIP),
+    # Added after the gradient norms were measured (the terms' make the clipped norm 2.2x
+    # the baseline's): the base loss's gradient clipped to 1 as in the baseline, the terms'
+    # to their own norm, then added (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE).
+    *[(f"InstUnique, terms clipped apart to {value}", SI_INSTUNIQUE, [TERMS_CLIP, value])
+      for value in ("0.25", "1.0")],
 ]
 # Instance-unique querying where look-alike instances crowd every image: shapes_crowd,
 # 8-20 instances per image, so 40 queries. Both configs turn the uniqueness evaluator on.

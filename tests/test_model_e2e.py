@@ -192,3 +192,42 @@ def test_paired_view_matching_without_its_loss(opts, monkeypatch):
     # x (with grad), x' matching (no grad), then Eq. 8 on x' (with grad).
     assert calls == [(2, True), (2, False), (2, True)]
     assert {"loss_cross_image", "loss_equi_mask"} <= set(losses)
+
+
+@pytest.mark.parametrize("segmenter", ["mask2former", "sparseinst"])
+def test_terms_at_weight_zero_train_exactly_as_the_paired_view_baseline(segmenter):
+    # A term at weight 0 must change nothing but the logged losses: not the base losses,
+    # the clipped gradient, the BatchNorm statistics nor the weights (the SparseInst study
+    # lost AP to the terms; this rules out a side effect of their mere presence).
+    from instunique.solver import build_optimizer
+
+    extra = tiny_opts() if segmenter == "mask2former" else []
+    batches = [[fake_pair(64, 64, 2, 2 * s, 1), fake_pair(64, 64, 1, 2 * s + 1, 2)]
+               for s in range(2)]
+
+    def train(path, *opts):
+        cfg = get_config(f"shapes/{path}_{segmenter}_shapes.yaml", *extra, *opts)
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model)
+        base_losses = []
+        for step, batch in enumerate(batches):
+            torch.manual_seed(100 + step)  # the trainer seeds every step (SeedEachStep)
+            optimizer.zero_grad()
+            losses = train_step(model, batch)
+            base_losses.append({k: v for k, v in losses.items() if "equi" not in k
+                                and "cross" not in k})
+            optimizer.step()
+        return base_losses, model.state_dict()
+
+    base, base_state = train("paired_views")
+    terms, terms_state = train("instunique", "MODEL.INST_UNIQUE.CROSS_IMAGE.WEIGHT", 0.0,
+                               "MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", 0.0)
+    assert base == terms
+    assert set(terms_state) - set(base_state) == {
+        f"memory.{k}" for k in ("feats", "labels", "image_ids", "ptr", "size")}
+    for key, value in base_state.items():
+        assert torch.equal(value, terms_state[key]), key
+    # ... and at weight 1 the same steps do move the weights differently.
+    _, moved = train("instunique")
+    assert not all(torch.equal(v, moved[k]) for k, v in base_state.items())

@@ -118,6 +118,15 @@ def add_instunique_config(cfg):
     # Scaling factor range (supp. S1: 0.5-2.0).
     cfg.MODEL.INST_UNIQUE.EQUIVARIANCE.SCALE_RANGE = (0.5, 2.0)
 
+    # Gradient clipping of the terms apart from the base loss (ours; the paper and the
+    # official code clip nothing apart). 0: the optimizer clips the sum of all losses as
+    # SOLVER.CLIP_GRADIENTS says. > 0: the base loss's gradient is clipped to
+    # SOLVER.CLIP_GRADIENTS.CLIP_VALUE as in the paired-view baseline and the terms' (Eq. 5 +
+    # Eq. 8) to this norm, then added (instunique/engine/term_clipping.py; needs CLIP_TYPE
+    # "full_model", costs a second backward pass). Why: the terms double the shapes models'
+    # gradient norm, so clipping the sum halves the base loss's share of every step.
+    cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE = 0.0
+
     # --eval-only with MODEL.WEIGHTS "" evaluates a randomly initialised model, which is
     # almost always a mistake (a forgotten key): refused unless this is True.
     cfg.TEST.ALLOW_RANDOM_WEIGHTS = False

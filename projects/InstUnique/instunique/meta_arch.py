@@ -13,6 +13,14 @@ from .objectives import CrossImageLoss, EquivarianceLoss, PixelMemory
 from .transforms.build import build_transform_family
 
 _SEGMENTER = "segmenter."
+# Keys of the loss dict that InstUnique adds to the base segmenter's own.
+_TERM_PREFIXES = ("loss_cross_image", "loss_equi_")
+
+
+def is_term_loss(key: str) -> bool:
+    """Whether a training loss key is one of InstUnique's terms (Eq. 5, Eq. 8), not the
+    base segmenter's loss."""
+    return key.startswith(_TERM_PREFIXES)
 
 
 @META_ARCH_REGISTRY.register()

@@ -64,7 +64,9 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         raise ValueError(f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {name!r}")
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":
-        optim_cls = _with_full_model_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
+        # With TERMS_CLIP_VALUE the training loop clips instead (engine/term_clipping.py).
+        if cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE <= 0:
+            optim_cls = _with_full_model_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
     else:
         optim_cls = maybe_add_gradient_clipping(cfg, optim_cls)
     return optim_cls(_param_groups(cfg, model), lr=cfg.SOLVER.BASE_LR, **extra)

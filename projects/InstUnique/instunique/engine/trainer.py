@@ -27,6 +27,7 @@ from ..rng import STEP, resolve_seed, seed_all
 from ..solver import build_optimizer
 from .finite import at_iteration, install_nonfinite_checks
 from .sync_bn import convert_sync_batchnorm
+from .term_clipping import TermClippingTrainer, check_term_clipping, clips_terms_separately
 
 
 class SeedEachStep(HookBase):
@@ -59,6 +60,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        check_term_clipping(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -72,8 +74,14 @@ class Trainer(DefaultTrainer):
                 model, broadcast_buffers=False,
                 device_ids=[comm.get_local_rank()] if on_cuda else None,
             )
-        loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-        self._trainer = loop(model, data_loader, optimizer)
+        if clips_terms_separately(cfg):
+            clip = cfg.SOLVER.CLIP_GRADIENTS
+            self._trainer = TermClippingTrainer(
+                model, data_loader, optimizer, clip.CLIP_VALUE,
+                cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE, clip.NORM_TYPE)
+        else:
+            loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+            self._trainer = loop(model, data_loader, optimizer)
         # A diverging run stops naming the first non-finite loss term or gradient.
         install_nonfinite_checks(model, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)

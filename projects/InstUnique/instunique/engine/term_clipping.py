@@ -1,0 +1,114 @@
+"""Clip the base loss's gradient and InstUnique's terms' gradient each on its own.
+
+The shapes recipes clip the whole model's gradient norm (Mask2Former's recipe). The terms
+make that norm ~2x larger (SparseInst on shapes, README), so clipping the sum shrinks the
+base loss's share of every step by a factor that varies from step to step. With
+``MODEL.INST_UNIQUE.TERMS_CLIP_VALUE`` > 0 the base gradient is clipped to
+``SOLVER.CLIP_GRADIENTS.CLIP_VALUE`` exactly as in the paired-view baseline, the terms' to
+their own value, and the two are added: the terms cannot take more than that from a step.
+
+It costs a second backward pass through the shared graph (the terms' gradient is taken
+apart from the base loss's).
+"""
+import time
+from typing import Dict, List, Tuple
+
+import torch
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
+
+from ..meta_arch import is_term_loss
+
+__all__ = ["TermClippingTrainer", "check_term_clipping", "clips_terms_separately"]
+
+
+def clips_terms_separately(cfg) -> bool:
+    return cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE > 0
+
+
+def check_term_clipping(cfg) -> None:
+    """Raise ValueError naming the key when TERMS_CLIP_VALUE cannot apply to ``cfg``."""
+    value = cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE
+    key = "MODEL.INST_UNIQUE.TERMS_CLIP_VALUE"
+    if value < 0:
+        raise ValueError(f"{key} must be >= 0 (0: clip the sum as SOLVER says), got {value}")
+    if value == 0:
+        return
+    if cfg.MODEL.META_ARCHITECTURE != "InstUnique":
+        raise ValueError(f"{key} = {value} needs MODEL.META_ARCHITECTURE 'InstUnique' (the "
+                         f"terms it clips), got {cfg.MODEL.META_ARCHITECTURE!r}")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if not clip.ENABLED or clip.CLIP_TYPE != "full_model":
+        raise ValueError(f"{key} = {value} clips the base gradient to SOLVER.CLIP_GRADIENTS."
+                         f"CLIP_VALUE: it needs SOLVER.CLIP_GRADIENTS.ENABLED True and CLIP_TYPE "
+                         f"'full_model', got {clip.ENABLED} and {clip.CLIP_TYPE!r}")
+    if cfg.SOLVER.AMP.ENABLED:
+        raise ValueError(f"{key} = {value} is not supported with SOLVER.AMP.ENABLED (the "
+                         f"scaled gradients would need unscaling before each clip)")
+
+
+def _total_norm(grads: List[Tensor], norm_type: float) -> Tensor:
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type)
+
+
+def backward_clipped_apart(params: List[nn.Parameter], base: Tensor, terms: Tensor,
+                           base_clip: float, terms_clip: float, norm_type: float
+                           ) -> Tuple[float, float]:
+    """Set ``p.grad`` = clip(d base / dp, base_clip) + clip(d terms / dp, terms_clip), each
+    clipped by its own total norm over ``params``. Returns both norms before clipping.
+
+    The terms' gradient is taken with ``autograd.grad`` (and averaged over processes by
+    hand), the base loss's with ``backward()``, so DistributedDataParallel reduces once.
+    """
+    term_grads = torch.autograd.grad(terms, params, retain_graph=True, allow_unused=True)
+    term_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, term_grads)]
+    if comm.get_world_size() > 1:
+        for g in term_grads:
+            torch.distributed.all_reduce(g)
+            g /= comm.get_world_size()
+    base.backward()
+    base_norm = torch.nn.utils.clip_grad_norm_(params, base_clip, norm_type)
+    terms_norm = _total_norm(term_grads, norm_type)
+    scale = (terms_clip / (terms_norm + 1e-6)).clamp(max=1.0)
+    for p, g in zip(params, term_grads):
+        if p.grad is None:
+            p.grad = g * scale
+        else:
+            p.grad.add_(g * scale)
+    return float(base_norm), float(terms_norm)
+
+
+class TermClippingTrainer(SimpleTrainer):
+    """SimpleTrainer whose step clips the base loss's gradient and the terms' apart (the
+    optimizer then must not clip: :func:`instunique.solver.build_optimizer` leaves it out)."""
+
+    def __init__(self, model, data_loader, optimizer, base_clip: float, terms_clip: float,
+                 norm_type: float):
+        super().__init__(model, data_loader, optimizer)
+        self.base_clip, self.terms_clip, self.norm_type = base_clip, terms_clip, norm_type
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def run_step(self):
+        assert self.model.training, "[TermClippingTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        loss_dict: Dict[str, Tensor] = self.model(data)
+        base = sum(v for k, v in loss_dict.items() if not is_term_loss(k))
+        terms = sum(v for k, v in loss_dict.items() if is_term_loss(k))
+        self.optimizer.zero_grad()
+        if isinstance(terms, Tensor) and terms.requires_grad:
+            norms = backward_clipped_apart(self.params, base, terms, self.base_clip,
+                                           self.terms_clip, self.norm_type)
+            storage = get_event_storage()
+            storage.put_scalar("grad_norm/base", norms[0], smoothing_hint=False)
+            storage.put_scalar("grad_norm/terms", norms[1], smoothing_hint=False)
+        else:  # no term in this step's losses: the base loss alone, clipped as usual
+            base.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, self.base_clip, self.norm_type)
+        self.after_backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
