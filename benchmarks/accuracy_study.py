@@ -125,6 +125,8 @@ STUDIES["base_blobs"] = [
         ("BN in the pixel decoder", ["MODEL.SEM_SEG_HEAD.NORM", "BN"]),
         ("no deep supervision", ["MODEL.MASK_FORMER.DEEP_SUPERVISION", "False"]),
         ("mask position features", ["MODEL.MASK_FORMER.MASK_POSITION_FEATURES", "True"]),
+        # Queries start on the top-scoring tokens (Mask DINO's query selection).
+        ("query selection", ["MODEL.MASK_FORMER.QUERY_SELECTION", "True"]),
     ]],
     # The other base segmenter, with the recipe's data and solver.
     ("SparseInst, the recipe's data and solver", SPARSEINST_BLOBS, []),

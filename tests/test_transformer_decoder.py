@@ -160,3 +160,45 @@ def test_state_dict_matches_official_reference():
                 reference.append((name, tuple(int(s) for s in shape.strip("()").split(",") if s)))
     assert len(reference) == 175
     assert ours == reference
+
+
+def test_query_selection_takes_each_images_top_scoring_tokens_with_their_positions():
+    torch.manual_seed(0)
+    decoder = build_transformer_decoder(small_cfg(QUERY_SELECTION=True), 32)
+    names = {n.split(".")[0] for n, _ in decoder.named_parameters()}
+    assert {"selection_proj", "selection_norm"} <= names
+    assert not {"query_feat", "query_embed"} & names
+    feats, mask_features = random_inputs()
+    memories, positions = zip(*(decoder._flatten_level(i, f) for i, f in enumerate(feats)))
+    queries, query_pos = decoder._select_queries(memories, positions)
+    assert queries.shape == query_pos.shape == (7, 2, 32)
+
+    tokens = decoder.selection_norm(decoder.selection_proj(torch.cat(memories)))
+    scores = decoder.class_embed(decoder.decoder_norm(tokens)).softmax(-1)[..., :-1].amax(-1)
+    all_pos = torch.cat(positions)
+    for b in range(2):
+        # Each chosen query is a token of its own image, with that token's position, and
+        # no token left out scores higher than one chosen.
+        rows = [int((tokens[:, b] == q).all(-1).nonzero()[0]) for q in queries[:, b]]
+        assert len(set(rows)) == 7
+        assert torch.equal(query_pos[:, b], all_pos[rows, b])
+        left_out = torch.ones(len(tokens), dtype=torch.bool)
+        left_out[rows] = False
+        assert scores[rows, b].min() >= scores[left_out, b].max()
+
+    out = decoder(feats, mask_features)
+    assert out["pred_masks"].shape == (2, 7, 21, 33) and len(out["aux_outputs"]) == 3
+    (out["pred_logits"].sum() + out["aux_outputs"][0]["pred_masks"].mean()).backward()
+    assert decoder.selection_proj.weight.grad.abs().sum() > 0
+
+
+def test_query_selection_bad_settings_fail_naming_the_problem():
+    with pytest.raises(ValueError, match="QUERY_SELECTION"):
+        MultiScaleMaskedTransformerDecoder(
+            32, False, num_classes=3, hidden_dim=32, num_queries=7, nheads=4,
+            dim_feedforward=64, dec_layers=3, pre_norm=False, mask_dim=32,
+            enforce_input_project=False, query_selection=True)
+    decoder = build_transformer_decoder(small_cfg(QUERY_SELECTION=True, NUM_OBJECT_QUERIES=500),
+                                        32)
+    with pytest.raises(ValueError, match="needs >= 500 memory tokens"):
+        decoder(*random_inputs())

@@ -83,6 +83,12 @@ def add_mask2former_config(cfg):
     # parameters (sem_seg_head.mask_position.*). Off: the official architecture.
     cfg.MODEL.MASK_FORMER.MASK_POSITION_FEATURES = False
 
+    # Queries from each image's top-scoring multi-scale memory tokens (their features and
+    # positions) instead of learned embeddings (ours, after Mask DINO's query selection;
+    # needs class logits). Replaces query_feat / query_embed by selection_proj /
+    # selection_norm. Off: the official architecture.
+    cfg.MODEL.MASK_FORMER.QUERY_SELECTION = False
+
     # Point-sampled mask losses (PointRend-style importance sampling).
     cfg.MODEL.MASK_FORMER.TRAIN_NUM_POINTS = 112 * 112
     cfg.MODEL.MASK_FORMER.OVERSAMPLE_RATIO = 3.0

@@ -6,6 +6,12 @@ foreground of the mask predicted by the layer before it (masked attention). A pr
 (class logits, mask embedding, mask logits) is made from the queries before the first
 layer and after every layer; all but the last one are the auxiliary outputs.
 
+With ``query_selection`` (ours, after Mask DINO's query selection) the queries are not
+learned embeddings: each image's top-Q tokens of the multi-scale memory, scored by the
+class head, become its queries, with their own positions. A query then starts on an
+object from the first step, where a learned query must first learn where to look (the
+convergence gap of the README's "A competent base").
+
 Sub-module names and shapes follow the official implementation so that official
 checkpoints load unchanged.
 """
@@ -163,6 +169,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         pre_norm: bool,
         mask_dim: int,
         enforce_input_project: bool,
+        query_selection: bool = False,
     ):
         """
         Args:
@@ -179,10 +186,16 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             mask_dim: width C of the mask features and of the mask embeddings.
             enforce_input_project: project inputs with a 1x1 conv even when
                 ``in_channels == hidden_dim``.
+            query_selection: queries from the top-scoring memory tokens of each image
+                (``selection_proj``, ``selection_norm``) instead of ``query_feat`` and
+                ``query_embed``.
         """
         super().__init__()
         if dec_layers < 1:
             raise ValueError(f"dec_layers must be >= 1, got {dec_layers}")
+        if query_selection and not mask_classification:
+            raise ValueError("query selection scores tokens with the class head: it needs "
+                             "mask_classification (MODEL.MASK_FORMER.QUERY_SELECTION)")
         self.mask_classification = mask_classification
         self.num_heads = nheads
         self.num_layers = dec_layers
@@ -199,8 +212,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
 
-        self.query_feat = nn.Embedding(num_queries, hidden_dim)
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self.num_queries = num_queries
+        self.query_selection = query_selection
+        if query_selection:
+            self.selection_proj = nn.Linear(hidden_dim, hidden_dim)
+            self.selection_norm = nn.LayerNorm(hidden_dim)
+        else:
+            self.query_feat = nn.Embedding(num_queries, hidden_dim)
+            self.query_embed = nn.Embedding(num_queries, hidden_dim)
         self.level_embed = nn.Embedding(NUM_FEATURE_LEVELS, hidden_dim)
         self.input_proj = nn.ModuleList(
             self._make_input_proj(in_channels, hidden_dim, enforce_input_project)
@@ -240,6 +259,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "pre_norm": mf.PRE_NORM,
             "enforce_input_project": mf.ENFORCE_INPUT_PROJ,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+            "query_selection": mf.QUERY_SELECTION,
         }
 
     def forward(
@@ -266,10 +286,16 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         level_sizes = [feat.shape[-2:] for feat in x]
 
         batch_size = mask_features.shape[0]
-        query_pos = self.query_embed.weight.unsqueeze(1).expand(-1, batch_size, -1)
-        queries = self.query_feat.weight.unsqueeze(1).expand(-1, batch_size, -1)
-
-        predictions = [self._predict(queries, mask_features)]
+        if self.query_selection:
+            queries, query_pos = self._select_queries(memories, positions)
+            # As Mask DINO: the first prediction trains the chosen tokens, the layers start
+            # from a detached copy (their gradient reaches the memory through attention).
+            predictions = [self._predict(queries, mask_features)]
+            queries = queries.detach()
+        else:
+            query_pos = self.query_embed.weight.unsqueeze(1).expand(-1, batch_size, -1)
+            queries = self.query_feat.weight.unsqueeze(1).expand(-1, batch_size, -1)
+            predictions = [self._predict(queries, mask_features)]
         for i in range(self.num_layers):
             level = i % NUM_FEATURE_LEVELS
             attn_mask = self._attention_mask(predictions[-1]["pred_masks"], level_sizes[level])
@@ -308,6 +334,23 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         memory = self.input_proj[level](feat).flatten(2)
         memory = memory + self.level_embed.weight[level][None, :, None]
         return memory.permute(2, 0, 1), pos
+
+    def _select_queries(self, memories, positions) -> Tuple[Tensor, Tensor]:
+        """Each image's Q memory tokens (all levels) with the highest foreground class
+        probability: their projected features and their positions, both (Q, B, d).
+
+        The choice is not differentiable; the class head learns to score tokens through the
+        first prediction, made from the chosen ones (unmatched ones learn "no object").
+        """
+        tokens = self.selection_norm(self.selection_proj(torch.cat(memories)))  # (N, B, d)
+        if tokens.shape[0] < self.num_queries:
+            raise ValueError(f"query selection needs >= {self.num_queries} memory tokens (the "
+                             f"number of queries), got {tokens.shape[0]}: the image is too small")
+        with torch.no_grad():
+            probs = self.class_embed(self.decoder_norm(tokens)).softmax(-1)[..., :-1]
+            top = probs.max(-1).values.topk(self.num_queries, dim=0).indices  # (Q, B)
+        index = top.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return tokens.gather(0, index), torch.cat(positions).gather(0, index)
 
     def _predict(self, queries: Tensor, mask_features: Tensor) -> Dict[str, Tensor]:
         """Heads on (Q, B, d) queries: class logits, mask embeddings and mask logits."""
