@@ -2,6 +2,7 @@
 import os
 import sys
 
+import pytest
 import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
@@ -26,13 +27,15 @@ def _replica(argv, data_root, out_dir):
     torch.save(model.state_dict(), os.path.join(out_dir, f"replica{comm.get_rank()}.pth"))
 
 
-def test_two_cpu_processes_keep_identical_replicas_and_memory(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", "0.1"]],
+                         ids=["clip the sum", "clip the terms apart"])
+def test_two_cpu_processes_keep_identical_replicas_and_memory(tmp_path, extra):
     argv = ["--config-file", CONFIG, "--num-gpus", "2",
             "DATASETS.TRAIN", "('ddp_shapes_train',)", "DATASETS.TEST", "('ddp_shapes_val',)",
             "SOLVER.IMS_PER_BATCH", "4", "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0",
             "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(tmp_path / "out"),
             "MODEL.INST_UNIQUE.CROSS_IMAGE.MEMORY_PIXELS", "1000", "MODEL.DEVICE", "cpu",
-            *[str(o) for o in tiny_opts()]]
+            *[str(o) for o in tiny_opts()], *extra]
     launch(_replica, 2, dist_url="auto", args=(argv, str(tmp_path / "data"), str(tmp_path)))
     a, b = (torch.load(tmp_path / f"replica{r}.pth") for r in (0, 1))
     assert a.keys() == b.keys()
