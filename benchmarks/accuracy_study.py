@@ -92,6 +92,7 @@ STUDIES["base_shapes"] = [
 # they were found. They compare training changes, so all infer as the official model
 # (ONE_PIECE_OFF; the runs of the first arms predate the key): the cut is measured on their
 # checkpoints by benchmarks/largest_component.py.
+QUERY_SELECTION = ["MODEL.MASK_FORMER.QUERY_SELECTION", "True"]
 SHAPES_POINTS = ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "1024"]
 NO_LSJ = ["INPUT.DATASET_MAPPER_NAME", "instance"]
 SHAPES_LR = ["SOLVER.BASE_LR", "0.0005"]
@@ -126,7 +127,7 @@ STUDIES["base_blobs"] = [
         ("no deep supervision", ["MODEL.MASK_FORMER.DEEP_SUPERVISION", "False"]),
         ("mask position features", ["MODEL.MASK_FORMER.MASK_POSITION_FEATURES", "True"]),
         # Queries start on the top-scoring tokens (Mask DINO's query selection).
-        ("query selection", ["MODEL.MASK_FORMER.QUERY_SELECTION", "True"]),
+        ("query selection", QUERY_SELECTION),
     ]],
     # The other base segmenter, with the recipe's data and solver.
     ("SparseInst, the recipe's data and solver", SPARSEINST_BLOBS, []),
@@ -236,6 +237,11 @@ STUDIES["uniqueness_shapes"] = [
     # The official Eq. 8 drops the base loss on x': Eq. 5's share of the AP cost alone.
     ("official Eq. 5 against the own instance, our Eq. 8 (lambda 1)", INSTUNIQUE,
      OFFICIAL_EQ5 + OWN_INSTANCE),
+    # Queries made from each image's own tokens (MODEL.MASK_FORMER.QUERY_SELECTION): do
+    # they fire less on other images without any term?
+    ("baseline, query selection", BASELINE, QUERY_SELECTION),
+    ("official Eq. 5 + Eq. 8, against the own instance, query selection", INSTUNIQUE,
+     OFFICIAL_EQ5 + OFFICIAL_EQ8 + OWN_INSTANCE + QUERY_SELECTION),
 ]
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Supp. Table S2 in miniature: panoptic Mask2Former on shapes_panoptic, scored by PQ.
