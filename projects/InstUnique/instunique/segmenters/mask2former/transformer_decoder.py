@@ -288,14 +288,15 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         batch_size = mask_features.shape[0]
         if self.query_selection:
             queries, query_pos = self._select_queries(memories, positions)
-            # As Mask DINO: the first prediction trains the chosen tokens, the layers start
-            # from a detached copy (their gradient reaches the memory through attention).
-            predictions = [self._predict(queries, mask_features)]
-            queries = queries.detach()
         else:
             query_pos = self.query_embed.weight.unsqueeze(1).expand(-1, batch_size, -1)
             queries = self.query_feat.weight.unsqueeze(1).expand(-1, batch_size, -1)
-            predictions = [self._predict(queries, mask_features)]
+
+        predictions = [self._predict(queries, mask_features)]
+        if self.query_selection:
+            # As Mask DINO: the first prediction trains the chosen tokens, the layers start
+            # from a detached copy (their gradient reaches the memory through attention).
+            queries = queries.detach()
         for i in range(self.num_layers):
             level = i % NUM_FEATURE_LEVELS
             attn_mask = self._attention_mask(predictions[-1]["pred_masks"], level_sizes[level])
