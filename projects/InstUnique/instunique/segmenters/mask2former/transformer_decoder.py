@@ -342,6 +342,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
         The choice is not differentiable; the class head learns to score tokens through the
         first prediction, made from the chosen ones (unmatched ones learn "no object").
+        No pad mask reaches the decoder, so in a padded batch a padded token can be chosen.
         """
         tokens = self.selection_norm(self.selection_proj(torch.cat(memories)))  # (N, B, d)
         if tokens.shape[0] < self.num_queries:
