@@ -6,6 +6,8 @@ import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 from torch import nn
 
+from .engine.term_clipping import clips_terms_separately
+
 _NORMS = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
@@ -65,7 +67,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED and clip.CLIP_TYPE == "full_model":
         # With TERMS_CLIP_VALUE the training loop clips instead (engine/term_clipping.py).
-        if cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE <= 0:
+        if not clips_terms_separately(cfg):
             optim_cls = _with_full_model_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
     else:
         optim_cls = maybe_add_gradient_clipping(cfg, optim_cls)
