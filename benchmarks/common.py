@@ -17,6 +17,7 @@ from detectron2.utils.events import EventStorage
 from instunique import add_instunique_config
 from instunique.data import PairedViewMapper
 from instunique.data.datasets import prepare_dataset
+from instunique.engine import term_clipping
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,13 +112,25 @@ def build_step(config, device, pairs, cross, memory, equi, opts=()):
                   torch.randint(-1, 4, (m.capacity,), device=m.feats.device),
                   torch.full((m.capacity,), -7, device=m.feats.device))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    params = list(model.parameters())
     batch = paired_batch(cfg, pairs)
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    clip_sum = clip.ENABLED and clip.CLIP_TYPE == "full_model"
 
     def step():
+        # The gradient is clipped as the trainer would: the sum, or base and terms apart.
         with EventStorage():
             losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        base, terms = term_clipping.split_losses(losses)
+        if term_clipping.clips_terms_separately(cfg) and isinstance(terms, torch.Tensor):
+            term_clipping.backward_clipped_apart(
+                params, base, terms, clip.CLIP_VALUE, cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE,
+                clip.NORM_TYPE)
+        else:
+            (base + terms).backward()
+            if clip_sum:
+                torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE, clip.NORM_TYPE)
         optimizer.step()
 
     return step

@@ -21,17 +21,21 @@ import torch
 from common import build_step, machine, peak_memory_mb, timed
 
 BASELINE = "baseline (paired views)"
-# name -> (cross-image on, memory pixels, equivariance on)
+# name -> (cross-image on, memory pixels, equivariance on, config overrides of the variant)
 VARIANTS = {
-    BASELINE: (False, 0, False),
-    "+ cross-image, memory 0": (True, 0, False),
-    "+ cross-image, memory 10k": (True, 10000, False),
-    "+ cross-image, memory 50k": (True, 50000, False),
-    "+ cross-image, memory 100k": (True, 100000, False),
-    "+ equivariance": (False, 0, True),
-    "all (memory 100k)": (True, 100000, True),
+    BASELINE: (False, 0, False, ()),
+    "+ cross-image, memory 0": (True, 0, False, ()),
+    "+ cross-image, memory 10k": (True, 10000, False, ()),
+    "+ cross-image, memory 50k": (True, 50000, False, ()),
+    "+ cross-image, memory 100k": (True, 100000, False, ()),
+    "+ equivariance": (False, 0, True, ()),
+    "all (memory 100k)": (True, 100000, True, ()),
     # What a user of the config trains: every term at the config's own memory capacity.
-    "all (the config's defaults)": (True, None, True),
+    "all (the config's defaults)": (True, None, True, ()),
+    # The same with the terms' gradient clipped apart from the base loss's: a second
+    # backward pass (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE; needs full-model clipping).
+    "all (the config's defaults), terms clipped apart":
+        (True, None, True, ("MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.25)),
 }
 
 
@@ -51,7 +55,8 @@ def main():
     variants = {v: spec for v, spec in VARIANTS.items()
                 if v in args.variants or v == BASELINE}
 
-    steps = {v: build_step(args.config, args.device, args.pairs, *spec, args.opts)
+    steps = {v: build_step(args.config, args.device, args.pairs, *spec[:3],
+                           [*spec[3], *args.opts])
              for v, spec in variants.items()}
     for step in steps.values():
         for _ in range(args.warmup):
@@ -67,7 +72,7 @@ def main():
     for v, spec in variants.items():
         queue = ctx.Queue()
         proc = ctx.Process(target=peak_memory_mb, args=(
-            queue, args.config, args.device, args.pairs, *spec, args.opts,
+            queue, args.config, args.device, args.pairs, *spec[:3], [*spec[3], *args.opts],
             args.memory_steps))
         proc.start()
         peaks[v] = queue.get()

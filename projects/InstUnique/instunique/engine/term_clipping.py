@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ..meta_arch import is_term_loss
 
-__all__ = ["TermClippingTrainer", "check_term_clipping", "clips_terms_separately"]
+__all__ = ["TermClippingTrainer", "backward_clipped_apart", "check_term_clipping",
+           "clips_terms_separately", "split_losses"]
 
 
 def clips_terms_separately(cfg) -> bool:
@@ -47,6 +48,13 @@ def check_term_clipping(cfg) -> None:
     if cfg.SOLVER.AMP.ENABLED:
         raise ValueError(f"{key} = {value} is not supported with SOLVER.AMP.ENABLED (the "
                          f"scaled gradients would need unscaling before each clip)")
+
+
+def split_losses(loss_dict: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
+    """(base loss, InstUnique terms) summed from a loss dict; a side without keys is 0."""
+    base = sum(v for k, v in loss_dict.items() if not is_term_loss(k))
+    terms = sum(v for k, v in loss_dict.items() if is_term_loss(k))
+    return base, terms
 
 
 def _total_norm(grads: List[Tensor], norm_type: float) -> Tensor:
@@ -97,8 +105,7 @@ class TermClippingTrainer(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
         loss_dict: Dict[str, Tensor] = self.model(data)
-        base = sum(v for k, v in loss_dict.items() if not is_term_loss(k))
-        terms = sum(v for k, v in loss_dict.items() if is_term_loss(k))
+        base, terms = split_losses(loss_dict)
         self.optimizer.zero_grad()
         if isinstance(terms, Tensor) and terms.requires_grad:
             norms = backward_clipped_apart(self.params, base, terms, self.base_clip,
