@@ -160,35 +160,39 @@ OWN_INSTANCE = [CI + "REFERENCE", "own_instance", CI + "HARD_THRESHOLD", "0.5"]
 OFFICIAL_EQ8 = ["MODEL.INST_UNIQUE.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW", "False",
                 "MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.3"]
 # Supp. Table S1 in miniature: SparseInst, its paired-view baseline against InstUnique.
+# The arms before the clipped-apart ones ran when the InstUnique config clipped the sum of
+# the gradients (TERMS_CLIP_VALUE 0): JOINT keeps them so.
+JOINT = [TERMS_CLIP, "0.0"]
 STUDIES["sparseinst"] = [
     ("baseline (paired views)", SI_BASELINE, []),
-    ("InstUnique", SI_INSTUNIQUE, []),
+    ("InstUnique", SI_INSTUNIQUE, JOINT),
     # Added after seed 0 (InstUnique 17.2 AP against 33.6, its class loss higher): which
     # term? SparseInst has no deep supervision, so L_equi at lambda 1 is as heavy as its
     # whole base loss (for the shapes Mask2Former, one of its 4 supervised outputs).
-    ("cross-image only", SI_INSTUNIQUE, EQUI_OFF),
-    ("InstUnique, lambda 0.2", SI_INSTUNIQUE, ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
-    ("official Eq. 8 (lambda 0.3, no base loss on x')", SI_INSTUNIQUE, OFFICIAL_EQ8),
+    ("cross-image only", SI_INSTUNIQUE, JOINT + EQUI_OFF),
+    ("InstUnique, lambda 0.2", SI_INSTUNIQUE,
+     JOINT + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
+    ("official Eq. 8 (lambda 0.3, no base loss on x')", SI_INSTUNIQUE, JOINT + OFFICIAL_EQ8),
     # Added after seed 0 of the two arms above: with Eq. 5 on, lambda 0.2 loses as much as
     # lambda 1, and cross-image querying alone (16.2 AP) as much as both terms.
-    ("equivariance only", SI_INSTUNIQUE, CROSS_OFF),
-    ("Eq. 5 on matched queries only", SI_INSTUNIQUE, [CI + "QUERIES", "matched"]),
+    ("equivariance only", SI_INSTUNIQUE, JOINT + CROSS_OFF),
+    ("Eq. 5 on matched queries only", SI_INSTUNIQUE, JOINT + [CI + "QUERIES", "matched"]),
     # Added after seed 0 of the two above (equivariance only 19.4 AP): lighter terms.
     ("equivariance only, lambda 0.2", SI_INSTUNIQUE,
-     CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
-    ("cross-image only, weight 0.1", SI_INSTUNIQUE, EQUI_OFF + [CI + "WEIGHT", "0.1"]),
+     JOINT + CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.2"]),
+    ("cross-image only, weight 0.1", SI_INSTUNIQUE, JOINT + EQUI_OFF + [CI + "WEIGHT", "0.1"]),
     # Every arm with a term ends at nearly the same class loss (0.51-0.58 against 0.34):
     # at weight 0 a term changes no gradient, so these must match the baseline unless its
     # mere presence has a side effect.
-    ("cross-image only, weight 0", SI_INSTUNIQUE, EQUI_OFF + [CI + "WEIGHT", "0.0"]),
+    ("cross-image only, weight 0", SI_INSTUNIQUE, JOINT + EQUI_OFF + [CI + "WEIGHT", "0.0"]),
     ("equivariance only, lambda 0", SI_INSTUNIQUE,
-     CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.0"]),
+     JOINT + CROSS_OFF + ["MODEL.INST_UNIQUE.EQUIVARIANCE.WEIGHT", "0.0"]),
     # Our shapes configs clip the whole model's gradient norm to 1 (the Mask2Former recipe);
     # the official SparseInst recipe does not clip. Every step is clipped (the base
     # gradient's norm is ~5 on the kernel layer alone), so a term's gradient rescales the
     # base loss's in every step, by a factor that varies from step to step.
     ("baseline, no gradient clipping (official SparseInst)", SI_BASELINE, NO_CLIP),
-    ("InstUnique, no gradient clipping", SI_INSTUNIQUE, NO_CLIP),
+    ("InstUnique, no gradient clipping", SI_INSTUNIQUE, JOINT + NO_CLIP),
     # Added after the gradient norms were measured (the terms' make the clipped norm 2.2x
     # the baseline's): the base loss's gradient clipped to 1 as in the baseline, the terms'
     # to their own norm, then added (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE).

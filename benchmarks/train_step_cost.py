@@ -32,9 +32,11 @@ VARIANTS = {
     "all (memory 100k)": (True, 100000, True, ()),
     # What a user of the config trains: every term at the config's own memory capacity.
     "all (the config's defaults)": (True, None, True, ()),
-    # The same with the terms' gradient clipped apart from the base loss's: a second
-    # backward pass (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE; needs full-model clipping).
-    "all (the config's defaults), terms clipped apart":
+    # The same with the terms' gradient clipped with the base loss's, or apart from it (a
+    # second backward pass), whatever the config says (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE).
+    "all (the config's defaults), terms clipped together":
+        (True, None, True, ("MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.0)),
+    "all (the config's defaults), terms clipped apart to 0.25":
         (True, None, True, ("MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.25)),
 }
 

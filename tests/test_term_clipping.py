@@ -58,7 +58,8 @@ def test_the_optimizer_leaves_clipping_to_the_loop_only_when_terms_are_clipped_a
     from instunique.solver import build_optimizer
 
     model = torch.nn.Linear(3, 2)
-    assert type(build_optimizer(get_config(INSTUNIQUE), model)).__name__ == "FullModelClipping"
+    together = build_optimizer(get_config(INSTUNIQUE, KEY, 0.0), model)
+    assert type(together).__name__ == "FullModelClipping"
     apart = build_optimizer(get_config(INSTUNIQUE, KEY, 0.1), model)
     assert type(apart) is torch.optim.AdamW
 
