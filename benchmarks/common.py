@@ -123,7 +123,8 @@ def build_step(config, device, pairs, cross, memory, equi, opts=()):
             losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
         base, terms = term_clipping.split_losses(losses)
-        if term_clipping.clips_terms_separately(cfg) and isinstance(terms, torch.Tensor):
+        if (term_clipping.clips_terms_separately(cfg) and isinstance(terms, torch.Tensor)
+                and terms.requires_grad):
             term_clipping.backward_clipped_apart(
                 params, base, terms, clip.CLIP_VALUE, cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE,
                 clip.NORM_TYPE)
