@@ -122,14 +122,11 @@ def build_step(config, device, pairs, cross, memory, equi, opts=()):
         with EventStorage():
             losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
-        base, terms = term_clipping.split_losses(losses)
-        if (term_clipping.clips_terms_separately(cfg) and isinstance(terms, torch.Tensor)
-                and terms.requires_grad):
-            term_clipping.backward_clipped_apart(
-                params, base, terms, clip.CLIP_VALUE, cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE,
-                clip.NORM_TYPE)
+        if term_clipping.clips_terms_separately(cfg):
+            term_clipping.clipped_backward(params, losses, clip.CLIP_VALUE,
+                                           cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE, clip.NORM_TYPE)
         else:
-            (base + terms).backward()
+            sum(losses.values()).backward()
             if clip_sum:
                 torch.nn.utils.clip_grad_norm_(params, clip.CLIP_VALUE, clip.NORM_TYPE)
         optimizer.step()

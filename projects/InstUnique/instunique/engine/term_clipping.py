@@ -11,7 +11,7 @@ It costs a second backward pass through the shared graph (the terms' gradient is
 apart from the base loss's).
 """
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.engine import SimpleTrainer
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..meta_arch import is_term_loss
 
 __all__ = ["TermClippingTrainer", "backward_clipped_apart", "check_term_clipping",
-           "clips_terms_separately", "split_losses"]
+           "clipped_backward", "clips_terms_separately"]
 
 
 def clips_terms_separately(cfg) -> bool:
@@ -48,13 +48,6 @@ def check_term_clipping(cfg) -> None:
     if cfg.SOLVER.AMP.ENABLED:
         raise ValueError(f"{key} = {value} is not supported with SOLVER.AMP.ENABLED (the "
                          f"scaled gradients would need unscaling before each clip)")
-
-
-def split_losses(loss_dict: Dict[str, Tensor]) -> Tuple[Tensor, Tensor]:
-    """(base loss, InstUnique terms) summed from a loss dict; a side without keys is 0."""
-    base = sum(v for k, v in loss_dict.items() if not is_term_loss(k))
-    terms = sum(v for k, v in loss_dict.items() if is_term_loss(k))
-    return base, terms
 
 
 def _total_norm(grads: List[Tensor], norm_type: float) -> Tensor:
@@ -89,6 +82,19 @@ def backward_clipped_apart(params: List[nn.Parameter], base: Tensor, terms: Tens
     return float(base_norm), float(terms_norm)
 
 
+def clipped_backward(params: List[nn.Parameter], loss_dict: Dict[str, Tensor], base_clip: float,
+                     terms_clip: float, norm_type: float) -> Optional[Tuple[float, float]]:
+    """Fill ``p.grad`` from ``loss_dict`` with base and terms clipped apart; returns both
+    norms, or None when no term carries a gradient (the base loss is then clipped alone)."""
+    base = sum(v for k, v in loss_dict.items() if not is_term_loss(k))
+    terms = sum(v for k, v in loss_dict.items() if is_term_loss(k))
+    if isinstance(terms, Tensor) and terms.requires_grad:
+        return backward_clipped_apart(params, base, terms, base_clip, terms_clip, norm_type)
+    base.backward()
+    torch.nn.utils.clip_grad_norm_(params, base_clip, norm_type)
+    return None
+
+
 class TermClippingTrainer(SimpleTrainer):
     """SimpleTrainer whose step clips the base loss's gradient and the terms' apart (the
     optimizer then must not clip: :func:`instunique.solver.build_optimizer` leaves it out)."""
@@ -105,17 +111,13 @@ class TermClippingTrainer(SimpleTrainer):
         data = next(self._data_loader_iter)
         data_time = time.perf_counter() - start
         loss_dict: Dict[str, Tensor] = self.model(data)
-        base, terms = split_losses(loss_dict)
         self.optimizer.zero_grad()
-        if isinstance(terms, Tensor) and terms.requires_grad:
-            norms = backward_clipped_apart(self.params, base, terms, self.base_clip,
-                                           self.terms_clip, self.norm_type)
+        norms = clipped_backward(self.params, loss_dict, self.base_clip, self.terms_clip,
+                                 self.norm_type)
+        if norms is not None:
             storage = get_event_storage()
             storage.put_scalar("grad_norm/base", norms[0], smoothing_hint=False)
             storage.put_scalar("grad_norm/terms", norms[1], smoothing_hint=False)
-        else:  # no term in this step's losses: the base loss alone, clipped as usual
-            base.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, self.base_clip, self.norm_type)
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
