@@ -116,15 +116,16 @@ def build_step(config, device, pairs, cross, memory, equi, opts=()):
     batch = paired_batch(cfg, pairs)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     clip_sum = clip.ENABLED and clip.CLIP_TYPE == "full_model"
+    clipper = (term_clipping.build_term_clipper(cfg, params)
+               if term_clipping.clips_terms_separately(cfg) else None)
 
     def step():
         # The gradient is clipped as the trainer would: the sum, or base and terms apart.
         with EventStorage():
             losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
-        if term_clipping.clips_terms_separately(cfg):
-            term_clipping.clipped_backward(params, losses, clip.CLIP_VALUE,
-                                           cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE, clip.NORM_TYPE)
+        if clipper is not None:
+            clipper.backward(losses)
         else:
             sum(losses.values()).backward()
             if clip_sum:

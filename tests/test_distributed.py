@@ -27,8 +27,10 @@ def _replica(argv, data_root, out_dir):
     torch.save(model.state_dict(), os.path.join(out_dir, f"replica{comm.get_rank()}.pth"))
 
 
-@pytest.mark.parametrize("extra", [[], ["MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", "0.1"]],
-                         ids=["clip the sum", "clip the terms apart"])
+@pytest.mark.parametrize("extra", [
+    [], ["MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", "0.1"],
+    ["MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", "0.1", "MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD", "2"],
+], ids=["clip the sum", "clip the terms apart", "clip the terms apart every 2 steps"])
 def test_two_cpu_processes_keep_identical_replicas_and_memory(tmp_path, extra):
     argv = ["--config-file", CONFIG, "--num-gpus", "2",
             "DATASETS.TRAIN", "('ddp_shapes_train',)", "DATASETS.TEST", "('ddp_shapes_val',)",

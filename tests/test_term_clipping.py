@@ -8,7 +8,7 @@ import torch
 from detectron2.engine import default_argument_parser
 
 from instunique.data.shapes import register_shapes
-from instunique.engine.term_clipping import backward_clipped_apart, check_term_clipping
+from instunique.engine.term_clipping import TermClipper, backward_clipped_apart, check_term_clipping
 from instunique.meta_arch import is_term_loss
 
 from utils import CONFIGS, ROOT, get_config
@@ -18,6 +18,7 @@ import train_net  # noqa: E402
 
 INSTUNIQUE = "shapes/instunique_sparseinst_shapes.yaml"
 KEY = "MODEL.INST_UNIQUE.TERMS_CLIP_VALUE"
+PERIOD = "MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD"
 
 
 def _losses(w, v):
@@ -49,6 +50,37 @@ def test_without_clipping_it_is_the_gradient_of_the_sum():
     assert torch.allclose(apart[0], w.grad) and torch.allclose(apart[1], v.grad)
 
 
+def _loss_dict(w, v, base_scale=1.0):
+    base, terms = _losses(w, v)
+    return {"loss_mask": base_scale * base, "loss_cross_image": terms}
+
+
+def test_between_exact_steps_one_pass_reuses_the_last_ratio_and_norm():
+    w = torch.zeros(3, requires_grad=True)
+    v = torch.tensor([0.0, 12.0], requires_grad=True)
+    clipper = TermClipper([w, v], base_clip=1.0, terms_clip=0.5, norm_type=2.0, period=3)
+    assert clipper.backward(_loss_dict(w, v)) == pytest.approx(
+        {"grad_norm/base": 13.0, "grad_norm/terms": 4.0})
+    exact = torch.cat([w.grad, v.grad])
+    # Same losses: weighting the terms by (0.5 / 4) / (1 / 13) and clipping the sum to the
+    # exact step's norm gives the exact step's gradient, in one backward pass.
+    w.grad = v.grad = None
+    assert clipper.backward(_loss_dict(w, v)) == {}
+    assert torch.allclose(torch.cat([w.grad, v.grad]), exact, atol=1e-6)
+    # The base loss doubled: its share grows as in one pass over base + 13/8 terms, the sum
+    # clipped to the same norm as before.
+    w.grad = v.grad = None
+    assert clipper.backward(_loss_dict(w, v, base_scale=2.0)) == {}
+    expected = torch.tensor([6.0, 13 / 8 * 4, 8.0, 0.0, 24.0])
+    expected *= exact.norm() / expected.norm()
+    assert torch.allclose(torch.cat([w.grad, v.grad]), expected, atol=1e-5)
+    # Every `period`-th call measures again, with both norms to log.
+    w.grad = v.grad = None
+    assert set(clipper.backward(_loss_dict(w, v, base_scale=2.0))) == {
+        "grad_norm/base", "grad_norm/terms"}
+    assert torch.allclose(w.grad, torch.tensor([6 / 26, 0.5, 8 / 26]), atol=1e-6)
+
+
 def test_term_keys_are_instuniques_own():
     assert all(map(is_term_loss, ["loss_cross_image", "loss_equi_ce", "loss_equi_mask"]))
     assert not any(map(is_term_loss, ["loss_ce", "loss_mask", "loss_dice_0", "loss_objectness"]))
@@ -70,11 +102,13 @@ def test_the_optimizer_leaves_clipping_to_the_loop_only_when_terms_are_clipped_a
     ([KEY, 0.1, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "value"], "CLIP_TYPE"),
     ([KEY, 0.1, "SOLVER.CLIP_GRADIENTS.ENABLED", False], "SOLVER.CLIP_GRADIENTS.ENABLED"),
     ([KEY, 0.1, "SOLVER.AMP.ENABLED", True], "SOLVER.AMP.ENABLED"),
+    ([KEY, 0.1, PERIOD, 0], ">= 1"),
+    ([KEY, 0.0, PERIOD, 5], "nothing to act on"),
 ])
 def test_settings_it_cannot_apply_to_fail_naming_the_key(opts, message):
     with pytest.raises(ValueError, match=message) as e:
         check_term_clipping(get_config(INSTUNIQUE, *opts))
-    assert KEY in str(e.value)
+    assert (PERIOD if PERIOD in opts else KEY) in str(e.value)
 
 
 def test_shapes_config_trains_with_the_terms_clipped_apart(tmp_path_factory, tmp_path):

@@ -127,6 +127,11 @@ def add_instunique_config(cfg):
     # gradient norm on shapes, so clipping the sum halves the base loss's share of every
     # step; its shapes config sets 0.25 (README, Results: -16.3 -> -4.8 AP, 3 seeds).
     cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE = 0.0
+    # With TERMS_CLIP_VALUE > 0: clip apart exactly (two backward passes) every this many
+    # steps; in between, one backward pass weights the terms by the ratio of the two clip
+    # factors last measured and clips the sum to the norm the exact clip gave then (ours,
+    # engine/term_clipping.py). 1: exact at every step.
+    cfg.MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD = 1
 
     # --eval-only with MODEL.WEIGHTS "" evaluates a randomly initialised model, which is
     # almost always a mistake (a forgotten key): refused unless this is True.

@@ -27,7 +27,12 @@ from ..rng import STEP, resolve_seed, seed_all
 from ..solver import build_optimizer
 from .finite import at_iteration, install_nonfinite_checks
 from .sync_bn import convert_sync_batchnorm
-from .term_clipping import TermClippingTrainer, check_term_clipping, clips_terms_separately
+from .term_clipping import (
+    TermClippingTrainer,
+    build_term_clipper,
+    check_term_clipping,
+    clips_terms_separately,
+)
 
 
 class SeedEachStep(HookBase):
@@ -75,10 +80,9 @@ class Trainer(DefaultTrainer):
                 device_ids=[comm.get_local_rank()] if on_cuda else None,
             )
         if clips_terms_separately(cfg):
-            clip = cfg.SOLVER.CLIP_GRADIENTS
-            self._trainer = TermClippingTrainer(
-                model, data_loader, optimizer, clip.CLIP_VALUE,
-                cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE, clip.NORM_TYPE)
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            self._trainer = TermClippingTrainer(model, data_loader, optimizer,
+                                                build_term_clipper(cfg, params))
         else:
             loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
             self._trainer = loop(model, data_loader, optimizer)
