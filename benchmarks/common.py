@@ -1,4 +1,5 @@
 """Shared pieces of the benchmarks: configs, a fixed batch, timing."""
+import itertools
 import os
 import resource
 import sys
@@ -119,13 +120,15 @@ def build_step(config, device, pairs, cross, memory, equi, opts=()):
     clipper = (term_clipping.build_term_clipper(cfg, params)
                if term_clipping.clips_terms_separately(cfg) else None)
 
+    calls = itertools.count()
+
     def step():
         # The gradient is clipped as the trainer would: the sum, or base and terms apart.
         with EventStorage():
             losses = model(batch)
         optimizer.zero_grad(set_to_none=True)
         if clipper is not None:
-            clipper.backward(losses)
+            clipper.backward(losses, next(calls))
         else:
             sum(losses.values()).backward()
             if clip_sum:

@@ -83,8 +83,14 @@ def _train(cfg, resume=False, stop_after=None):
     return record.losses
 
 
-def test_preempted_and_resumed_run_repeats_the_uninterrupted_losses(tiny_shapes, tmp_path):
-    opts = ("SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2)
+@pytest.mark.parametrize("clip", [(), (
+    # Resumed at iteration 2 of 0 (exact), 1, 2 (one pass each), 3 (exact): the step it
+    # redoes needs the clip factors measured at iteration 0, from the checkpoint.
+    "MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.1, "MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD", 3)],
+    ids=["clip the sum", "clip the terms apart every 3 steps"])
+def test_preempted_and_resumed_run_repeats_the_uninterrupted_losses(tiny_shapes, tmp_path,
+                                                                    clip):
+    opts = ("SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2, *clip)
     full = _train(_cfg(tmp_path / "full", *opts))
     first = _train(_cfg(tmp_path / "cut", *opts), stop_after=2)
     # Iteration 2 ran but was not saved: the resumed run redoes it from model_0000001.
@@ -102,6 +108,10 @@ def test_preempted_and_resumed_run_repeats_the_uninterrupted_losses(tiny_shapes,
             assert losses[k] == pytest.approx(full[it][k], rel=1e-5, abs=1e-7), (it, k)
     # The comparison can fail: every step trains on other data with other draws.
     assert all(full[it]["total_loss"] != full[0]["total_loss"] for it in range(1, 4))
+    # On one thread the resumed run is the uninterrupted one, bit for bit.
+    a, b = (torch.load(tmp_path / run / "model_final.pth", weights_only=False)["model"]
+            for run in ("full", "cut"))
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def _batches(loader, n):

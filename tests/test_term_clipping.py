@@ -59,24 +59,24 @@ def test_between_exact_steps_one_pass_reuses_the_last_ratio_and_norm():
     w = torch.zeros(3, requires_grad=True)
     v = torch.tensor([0.0, 12.0], requires_grad=True)
     clipper = TermClipper([w, v], base_clip=1.0, terms_clip=0.5, norm_type=2.0, period=3)
-    assert clipper.backward(_loss_dict(w, v)) == pytest.approx(
+    assert clipper.backward(_loss_dict(w, v), 0) == pytest.approx(
         {"grad_norm/base": 13.0, "grad_norm/terms": 4.0})
     exact = torch.cat([w.grad, v.grad])
     # Same losses: weighting the terms by (0.5 / 4) / (1 / 13) and clipping the sum to the
     # exact step's norm gives the exact step's gradient, in one backward pass.
     w.grad = v.grad = None
-    assert clipper.backward(_loss_dict(w, v)) == {}
+    assert clipper.backward(_loss_dict(w, v), 1) == {}
     assert torch.allclose(torch.cat([w.grad, v.grad]), exact, atol=1e-6)
     # The base loss doubled: its share grows as in one pass over base + 13/8 terms, the sum
     # clipped to the same norm as before.
     w.grad = v.grad = None
-    assert clipper.backward(_loss_dict(w, v, base_scale=2.0)) == {}
+    assert clipper.backward(_loss_dict(w, v, base_scale=2.0), 2) == {}
     expected = torch.tensor([6.0, 13 / 8 * 4, 8.0, 0.0, 24.0])
     expected *= exact.norm() / expected.norm()
     assert torch.allclose(torch.cat([w.grad, v.grad]), expected, atol=1e-5)
     # Every `period`-th call measures again, with both norms to log.
     w.grad = v.grad = None
-    assert set(clipper.backward(_loss_dict(w, v, base_scale=2.0))) == {
+    assert set(clipper.backward(_loss_dict(w, v, base_scale=2.0), 3)) == {
         "grad_norm/base", "grad_norm/terms"}
     assert torch.allclose(w.grad, torch.tensor([6 / 26, 0.5, 8 / 26]), atol=1e-6)
 

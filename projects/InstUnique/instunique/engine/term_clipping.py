@@ -98,31 +98,38 @@ def backward_clipped_apart(params: List[nn.Parameter], base: Tensor, terms: Tens
 
 class TermClipper:
     """Fills ``p.grad`` from one step's loss dict with the base loss's and the terms'
-    gradients clipped apart (:func:`backward_clipped_apart`), exactly on every ``period``-th
-    call and on the first; in between, with one backward pass: the terms weighted by the
-    ratio of the two clip factors of the last exact call, the sum clipped to the norm the
-    exact clip gave then. The exact clip's second backward pass is the whole of its extra
-    cost (README: +74% per step for SparseInst on shapes); the norms it divides by drift
-    over hundreds of iterations (README), so measuring them every ``period`` steps keeps
-    the base loss's share of a step near the exact clip's at 1 / ``period`` of that cost.
+    gradients clipped apart (:func:`backward_clipped_apart`), exactly at every iteration
+    that is a multiple of ``period`` (and whenever nothing was measured yet); in between,
+    with one backward pass: the terms weighted by the ratio of the two clip factors of the
+    last exact step, the sum clipped to the norm the exact clip gave then.
+
+    The exact clip's second backward pass is the whole of its extra cost (README: +72% per
+    step for SparseInst on shapes); the norms it divides by drift over hundreds of
+    iterations (README), so measuring them every ``period`` steps keeps the base loss's
+    share of a step near the exact clip's at 1 / ``period`` of that cost. What it measured
+    is in :meth:`state_dict`, so a resumed run repeats the uninterrupted one.
     """
 
     def __init__(self, params: List[nn.Parameter], base_clip: float, terms_clip: float,
                  norm_type: float, period: int = 1):
         self.params, self.norm_type, self.period = params, norm_type, period
         self.base_clip, self.terms_clip = base_clip, terms_clip
-        self._calls = 0
-        # From the last exact call: weight of the terms relative to the base, clipped norm.
+        # From the last exact step: weight of the terms relative to the base, clipped norm.
         self._ratio: Optional[float] = None
         self._norm: Optional[float] = None
 
-    def backward(self, loss_dict: Dict[str, Tensor]) -> Dict[str, float]:
+    def state_dict(self) -> Dict[str, Optional[float]]:
+        return {"ratio": self._ratio, "norm": self._norm}
+
+    def load_state_dict(self, state: Dict[str, Optional[float]]) -> None:
+        self._ratio, self._norm = state["ratio"], state["norm"]
+
+    def backward(self, loss_dict: Dict[str, Tensor], iteration: int) -> Dict[str, float]:
         """Fill ``p.grad``; returns the gradient norms measured, to log (none at a
-        one-pass call, none when no term carries a gradient)."""
+        one-pass step, none when no term carries a gradient)."""
         base = sum(v for k, v in loss_dict.items() if not is_term_loss(k))
         terms = sum(v for k, v in loss_dict.items() if is_term_loss(k))
-        exact = self._ratio is None or self._calls % self.period == 0
-        self._calls += 1
+        exact = self._ratio is None or iteration % self.period == 0
         if not (isinstance(terms, Tensor) and terms.requires_grad):
             base.backward()
             torch.nn.utils.clip_grad_norm_(self.params, self.base_clip, self.norm_type)
@@ -160,9 +167,18 @@ class TermClippingTrainer(SimpleTrainer):
         data_time = time.perf_counter() - start
         loss_dict: Dict[str, Tensor] = self.model(data)
         self.optimizer.zero_grad()
-        norms = self.clipper.backward(loss_dict)
+        norms = self.clipper.backward(loss_dict, self.iter)
         if norms:
             get_event_storage().put_scalars(**norms, smoothing_hint=False)
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
         self.optimizer.step()
+
+    def state_dict(self):
+        return {**super().state_dict(), "term_clipper": self.clipper.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # Checkpoints written before TERMS_CLIP_PERIOD: the next step measures.
+        if "term_clipper" in state_dict:
+            self.clipper.load_state_dict(state_dict["term_clipper"])
