@@ -52,6 +52,7 @@ SI_BASELINE = "configs/shapes/paired_views_sparseinst_shapes.yaml"
 SI_INSTUNIQUE = "configs/shapes/instunique_sparseinst_shapes.yaml"
 NO_CLIP = ["SOLVER.CLIP_GRADIENTS.ENABLED", "False"]
 TERMS_CLIP = "MODEL.INST_UNIQUE.TERMS_CLIP_VALUE"
+TERMS_CLIP_PERIOD = "MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD"
 
 # name -> list of (arm, config, extra opts)
 STUDIES = {
@@ -196,12 +197,12 @@ STUDIES["sparseinst"] = [
     # Added after the gradient norms were measured (the terms' make the clipped norm 2.2x
     # the baseline's): the base loss's gradient clipped to 1 as in the baseline, the terms'
     # to their own norm, then added (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE).
-    *[(f"InstUnique, terms clipped apart to {value}", SI_INSTUNIQUE, [TERMS_CLIP, value])
-      for value in ("0.25", "1.0")],
+    *[(f"InstUnique, terms clipped apart to {value}", SI_INSTUNIQUE,
+       [TERMS_CLIP, value, TERMS_CLIP_PERIOD, "1"]) for value in ("0.25", "1.0")],
     # The same at a sixth of its extra step cost: the second backward pass once every 10
     # steps, one pass from the last measured clip factors in between (TERMS_CLIP_PERIOD).
     ("InstUnique, terms clipped apart to 0.25, exact every 10 steps", SI_INSTUNIQUE,
-     [TERMS_CLIP, "0.25", "MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD", "10"]),
+     [TERMS_CLIP, "0.25", TERMS_CLIP_PERIOD, "10"]),
 ]
 # Instance-unique querying where look-alike instances crowd every image: shapes_crowd,
 # 8-20 instances per image, so 40 queries. Both configs turn the uniqueness evaluator on.

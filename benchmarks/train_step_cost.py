@@ -37,7 +37,8 @@ VARIANTS = {
     "all (the config's defaults), terms clipped together":
         (True, None, True, ("MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.0)),
     "all (the config's defaults), terms clipped apart to 0.25":
-        (True, None, True, ("MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.25)),
+        (True, None, True, ("MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.25,
+                            "MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD", 1)),
     # ... with the second backward pass once every 10 steps (TERMS_CLIP_PERIOD): its steps
     # differ, so compare this one by the mean ratio, over a multiple of 10 repetitions.
     "all (the config's defaults), terms clipped apart to 0.25, exact every 10 steps":

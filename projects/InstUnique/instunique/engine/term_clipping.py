@@ -41,9 +41,6 @@ def check_term_clipping(cfg) -> None:
         raise ValueError(f"MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD must be an integer >= 1 (1: "
                          f"clip exactly at every step), got {period!r}")
     if value == 0:
-        if period != 1:
-            raise ValueError(f"MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD = {period} has nothing to "
-                             f"act on: it needs {key} > 0")
         return
     if cfg.MODEL.META_ARCHITECTURE != "InstUnique":
         raise ValueError(f"{key} = {value} needs MODEL.META_ARCHITECTURE 'InstUnique' (the "
