@@ -199,7 +199,7 @@ STUDIES["sparseinst"] = [
     # to their own norm, then added (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE).
     *[(f"InstUnique, terms clipped apart to {value}", SI_INSTUNIQUE,
        [TERMS_CLIP, value, TERMS_CLIP_PERIOD, "1"]) for value in ("0.25", "1.0")],
-    # The same at a sixth of its extra step cost: the second backward pass once every 10
+    # The same at a seventh of its extra step cost: the second backward pass once every 10
     # steps, one pass from the last measured clip factors in between (TERMS_CLIP_PERIOD).
     ("InstUnique, terms clipped apart to 0.25, exact every 10 steps", SI_INSTUNIQUE,
      [TERMS_CLIP, "0.25", TERMS_CLIP_PERIOD, "10"]),
