@@ -119,8 +119,7 @@ def build_step(config, device, pairs, cross, memory, equi, opts=()):
     clip_sum = clip.ENABLED and clip.CLIP_TYPE == "full_model"
     clipper = (term_clipping.build_term_clipper(cfg, params)
                if term_clipping.clips_terms_separately(cfg) else None)
-
-    calls = itertools.count()
+    calls = itertools.count()  # the clipper's iteration number
 
     def step():
         # The gradient is clipped as the trainer would: the sum, or base and terms apart.

@@ -126,12 +126,11 @@ class TermClipper:
         one-pass step, none when no term carries a gradient)."""
         base = sum(v for k, v in loss_dict.items() if not is_term_loss(k))
         terms = sum(v for k, v in loss_dict.items() if is_term_loss(k))
-        exact = self._ratio is None or iteration % self.period == 0
         if not (isinstance(terms, Tensor) and terms.requires_grad):
             base.backward()
             torch.nn.utils.clip_grad_norm_(self.params, self.base_clip, self.norm_type)
             return {}
-        if not exact:
+        if self._ratio is not None and iteration % self.period != 0:
             (base + self._ratio * terms).backward()
             torch.nn.utils.clip_grad_norm_(self.params, self._norm, self.norm_type)
             return {}
@@ -139,8 +138,7 @@ class TermClipper:
             self.params, base, terms, self.base_clip, self.terms_clip, self.norm_type)
         self._ratio = _clip_factor(self.terms_clip, terms_norm) / _clip_factor(
             self.base_clip, base_norm)
-        self._norm = float(_total_norm([p.grad for p in self.params if p.grad is not None],
-                                       self.norm_type))
+        self._norm = float(_total_norm([p.grad for p in self.params], self.norm_type))
         return {"grad_norm/base": base_norm, "grad_norm/terms": terms_norm}
 
 
