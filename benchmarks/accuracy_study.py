@@ -147,6 +147,17 @@ STUDIES["base_blobs"] = [
           ("recipe", M2F_BLOBS, ONE_PIECE_OFF),
           ("SparseInst, the recipe's data and solver", SPARSEINST_BLOBS, [])]],
 ]
+# From scratch (R18) against the ImageNet-pretrained EfficientNet-Lite0, for our Mask2Former
+# and for detectron2's Mask R-CNN, at the configs' own schedules.
+for _data in ("shapes", "blobs"):
+    STUDIES[f"pretrained_{_data}"] = [
+        ("Mask R-CNN R18-FPN, from scratch", f"configs/{_data}/mask_rcnn_R18_FPN_{_data}.yaml", []),
+        ("Mask R-CNN EfficientNet-Lite0-FPN, ImageNet",
+         f"configs/{_data}/mask_rcnn_effl0_FPN_{_data}.yaml", []),
+        ("Mask2Former R18, from scratch", f"configs/{_data}/mask2former_{_data}.yaml", []),
+        ("Mask2Former EfficientNet-Lite0, ImageNet",
+         f"configs/{_data}/mask2former_effl0_{_data}.yaml", []),
+    ]
 CI = "MODEL.INST_UNIQUE.CROSS_IMAGE."
 # Eq. 5 as the official CondInst code: matched queries, s = sigmoid(z / 3) itself on the
 # pairs with s >= 0.8, weight 10.
@@ -291,8 +302,14 @@ def read_run(out_dir, task=("segm", METRICS)):
         for k in sorted({k for r in tail for k in r})
         if k.startswith("loss_") and not k[-1].isdigit()
     }
+    minutes_file = os.path.join(out_dir, "wall_minutes.txt")
+    minutes = None
+    if os.path.isfile(minutes_file):
+        with open(minutes_file) as f:
+            minutes = float(f.read())
     return {
         "metrics": {m: final[-1][f"{group}/{m}"] for m in names},
+        "wall_minutes": minutes,
         # The query-uniqueness evaluator's figures, where the run had it on.
         "uniqueness": {k.split("/", 1)[1]: v for k, v in final[-1].items()
                        if k.startswith("uniqueness/")},
@@ -314,11 +331,11 @@ def run_arm(config, opts, seed, out_dir, threads, task):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}); see {out_dir}/stdout.log")
+    with open(os.path.join(out_dir, "wall_minutes.txt"), "w") as f:
+        f.write(f"{(time.perf_counter() - start) / 60:.2f}\n")
     result = read_run(out_dir, task)
     if result is None:
         raise RuntimeError(f"no {task[0]}/{task[1][0]} in {out_dir}/metrics.json")
-    with open(os.path.join(out_dir, "wall_minutes.txt"), "w") as f:
-        f.write(f"{(time.perf_counter() - start) / 60:.2f}\n")
     return result
 
 
@@ -430,7 +447,7 @@ def main():
 
     rows = []
     print(f"\n{args.study} study, overrides {args.opts or 'none'}; seeds {args.seeds}\n")
-    columns = metrics + (["train AP"] if args.train_ap else [])
+    columns = metrics + (["train AP"] if args.train_ap else []) + ["minutes"]
     print("| arm | seeds | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for arm, _, _ in arms:
@@ -438,6 +455,8 @@ def main():
         stats = {m: mean_std([r["metrics"][m] for r in runs]) for m in metrics}
         if args.train_ap:
             stats["train AP"] = mean_std([r["train_AP"] for r in runs])
+        minutes = [r["wall_minutes"] for r in runs if r.get("wall_minutes") is not None]
+        stats["minutes"] = mean_std(minutes) if minutes else (math.nan, math.nan)
         losses = {k: statistics.mean(r["final_losses"].get(k, 0.0) for r in runs)
                   for k in runs[0]["final_losses"]}
         rows.append({"arm": arm, "runs": runs, "mean_std": stats, "final_losses": losses})

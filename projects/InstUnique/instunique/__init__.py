@@ -3,7 +3,7 @@
 Importing the package registers the meta-architectures, heads, adapters and datasets.
 """
 from . import (
-    backbones,  # noqa: F401  (registers build_timm_backbone)
+    backbones,  # noqa: F401  (registers the EfficientNet-Lite0 and timm backbones)
     data,  # noqa: F401  (registers the built-in datasets)
     segmenters,  # noqa: F401  (registers the base segmenters and their adapters)
 )

