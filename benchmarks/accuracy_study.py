@@ -324,10 +324,12 @@ def run_arm(config, opts, seed, out_dir, threads, task):
         return result
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # A run stopped part-way continues from its last checkpoint (resume is exact).
+    resume = ["--resume"] if os.path.isfile(os.path.join(out_dir, "last_checkpoint")) else []
     cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file", config,
-           "SEED", str(seed), "OUTPUT_DIR", out_dir, *opts]
+           *resume, "SEED", str(seed), "OUTPUT_DIR", out_dir, *opts]
     start = time.perf_counter()
-    with open(os.path.join(out_dir, "stdout.log"), "w") as log:
+    with open(os.path.join(out_dir, "stdout.log"), "a") as log:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         raise RuntimeError(f"training failed ({proc.returncode}); see {out_dir}/stdout.log")

@@ -320,6 +320,7 @@ def dense_variant(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, *
         z = z - offset[:, None]
     target = (query_cls[:, None] == pixel_cls[None]) & (query_cls[:, None] >= 0)
     keep = query_ids[:, None] != pixel_ids[None]
+    scored = keep.sum()
     hard = torch.where(target, -z, z).detach() / temperature  # wrong-answer logit
     if hard_negatives == "threshold":
         keep = keep & (hard.sigmoid() >= hard_threshold)
@@ -336,6 +337,8 @@ def dense_variant(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, *
     pair = pair * keep
     if normalization == "mean":
         return pair.sum() / keep.sum().clamp(min=1)
+    if normalization == "mean_all":
+        return pair.sum() / scored.clamp(min=1)
     return (pair.sum(1) / keep.sum(1).clamp(min=1)).sum() / num_masks
 
 
@@ -343,6 +346,8 @@ VARIANTS = [
     dict(),
     dict(normalization="per_query", num_masks=3.0),
     dict(loss="probability", temperature=3.0, hard_negatives="threshold", hard_threshold=0.6),
+    dict(loss="probability", temperature=3.0, hard_negatives="threshold", hard_threshold=0.6,
+         normalization="mean_all"),
     dict(hard_negatives="threshold", hard_threshold=0.3, temperature=0.7,
          normalization="per_query", num_masks=2.0),
     dict(hard_negatives="topk", topk=1),
@@ -402,6 +407,11 @@ def test_normalisations_equal_hand_computed_values():
                                    temperature=3.0, hard_negatives="threshold",
                                    hard_threshold=0.55)
     assert official.item() == pytest.approx((sig(2 / 3) + sig(1 / 3)) / 2, rel=1e-12)
+    # As released: the pairs below the threshold count as zeros in the mean (4 pairs).
+    released = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, loss="probability",
+                                   temperature=3.0, hard_negatives="threshold",
+                                   hard_threshold=0.55, normalization="mean_all")
+    assert released.item() == pytest.approx((sig(2 / 3) + sig(1 / 3)) / 4, rel=1e-12)
     # Top-1 per query: pixel 2 for both (logits 2 and 1).
     top1 = external_focal_loss(queries, pixels, qid, pid, qcls, pcls, hard_negatives="topk",
                                topk=1, normalization="per_query", num_masks=2.0)
@@ -538,6 +548,8 @@ def test_variants_are_set_by_yaml_keys():
 PIXEL_GRADIENT_VARIANTS = [
     dict(),
     dict(loss="probability", temperature=3.0, hard_negatives="threshold", hard_threshold=0.6),
+    dict(loss="probability", temperature=3.0, hard_negatives="threshold", hard_threshold=0.6,
+         normalization="mean_all"),
 ]
 
 

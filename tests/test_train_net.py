@@ -43,6 +43,20 @@ def _metrics(out_dir):
         return [json.loads(line) for line in f]
 
 
+def test_only_the_newest_periodic_checkpoints_are_kept(tiny_shapes, tmp_path):
+    train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", 5, "SOLVER.CHECKPOINT_PERIOD", 1,
+                         "SOLVER.CHECKPOINT_MAX_TO_KEEP", 2, "TEST.EVAL_PERIOD", 0,
+                         "MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", False,
+                         "MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", False))
+    kept = sorted(f for f in os.listdir(tmp_path) if f.endswith(".pth"))
+    assert kept == ["model_0000003.pth", "model_0000004.pth", "model_final.pth"]
+    with open(os.path.join(tmp_path, "last_checkpoint")) as f:
+        assert f.read().strip() == "model_final.pth"
+    with pytest.raises(ValueError, match="SOLVER.CHECKPOINT_MAX_TO_KEEP"):
+        train_net.main(_args(tmp_path / "bad", "SOLVER.MAX_ITER", 1,
+                             "SOLVER.CHECKPOINT_MAX_TO_KEEP", -1))
+
+
 def test_trains_with_all_terms_logs_them_and_resumes(tiny_shapes, tmp_path):
     train_net.main(_args(tmp_path, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
                          "TEST.EVAL_PERIOD", 0))

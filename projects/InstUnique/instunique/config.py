@@ -57,16 +57,18 @@ def add_instunique_config(cfg):
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.HARD_THRESHOLD = 0.8
     # External pixels kept per query by HARD_NEGATIVES "topk", >= 1.
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.TOPK = 64
-    # How the pair losses are averaged: "mean" over all kept (query, pixel) pairs (Alg. 1;
-    # the official CondInst mean) or "per_query" (each query's mean over its kept pixels,
-    # summed over queries and divided by the number of ground-truth masks of the batch:
-    # the base criterion's convention for its mask terms).
+    # How the pair losses are averaged: "mean" over the kept (query, pixel) pairs (Alg. 1),
+    # "mean_all" over every scored pair, those HARD_NEGATIVES leaves out counting as zeros
+    # (the official CondInst code: s < 0.8 set to 0, then the mean), or "per_query" (each
+    # query's mean over its kept pixels, summed over queries and divided by the batch's
+    # ground-truth masks: the base criterion's convention for its mask terms).
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.NORMALIZATION = "mean"
     # Where Eq. 5's gradient goes: "none", the queries only (Alg. 1 detaches the external
     # features) or "batch", also the pixel embeddings of the other images of the batch (the
     # memory stays detached), so the pixel decoder too can make look-alike instances of
     # different images answer differently. Ours, not the paper's: an ablation
-    # (README, shapes_crowd study). "batch" needs NORMALIZATION "mean" and no "topk".
+    # (README, shapes_crowd study). "batch" needs NORMALIZATION "mean" or "mean_all" and
+    # no "topk".
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT = "none"
     # What an external logit z = e . f is measured against: "none" (z itself, target 0: the
     # paper's Eq. 5) or "own_instance" (z - e . r, r the mean pixel embedding of the query's
@@ -134,6 +136,10 @@ def add_instunique_config(cfg):
     # engine/term_clipping.py). 1: exact at every step. The SparseInst shapes config sets 10:
     # -0.7 AP [-6.6, +5.2] against every step over 5 seeds, +10% step time instead of +72%.
     cfg.MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD = 1
+
+    # Periodic checkpoints (SOLVER.CHECKPOINT_PERIOD) kept on disk: the newest this many,
+    # model_final.pth always; 0 keeps every one (detectron2's behaviour).
+    cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0
 
     # --eval-only with MODEL.WEIGHTS "" evaluates a randomly initialised model, which is
     # almost always a mistake (a forgotten key): refused unless this is True.

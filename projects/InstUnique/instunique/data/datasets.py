@@ -27,6 +27,7 @@ from detectron2.data.catalog import Metadata
 from .blobs import BLOBS
 from .coco_panoptic_semseg import register_coco_panoptic_with_sem_seg
 from .shapes import SHAPES, SHAPES_CROWD
+from .shapes_diverse import SHAPES_DIVERSE
 from .shapes_panoptic import SHAPES_PANOPTIC
 from .synthetic import materialize_synthetic, register_synthetic
 
@@ -55,7 +56,7 @@ class DatasetNotRegisteredError(KeyError):
 
 def register_all(root=None) -> None:
     """Register the project's datasets; names already in DatasetCatalog are left alone."""
-    for spec in (SHAPES, BLOBS, SHAPES_CROWD, SHAPES_PANOPTIC):
+    for spec in (SHAPES, BLOBS, SHAPES_CROWD, SHAPES_DIVERSE, SHAPES_PANOPTIC):
         names = [f"{spec.folder}_{split}" for split in ("train", "val")]
         if not any(n in DatasetCatalog.list() for n in names):
             register_synthetic(spec, root)

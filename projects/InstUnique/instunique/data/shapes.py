@@ -34,6 +34,7 @@ from .synthetic import (
     ensure_splits,
     generate_split,
     register_synthetic,
+    visible_masks,
 )
 
 __all__ = [
@@ -184,18 +185,6 @@ def _sample_layout(
     return shapes
 
 
-def _visible_masks(full: List[np.ndarray]) -> List[np.ndarray]:
-    """Each mask minus everything painted after it."""
-    if not full:
-        return []
-    covered = np.zeros_like(full[0])
-    visible = []
-    for mask in reversed(full):
-        visible.append(mask & ~covered)
-        covered |= mask
-    return visible[::-1]
-
-
 def _render_image(
     rng: np.random.Generator, size: int, layout: _Layout = _SHAPES_LAYOUT
 ) -> Rendered:
@@ -205,7 +194,7 @@ def _render_image(
         shapes = _sample_layout(rng, size, colours, layout)
         full = [_full_mask(s, size) for s in shapes]
         # Removing a shape only uncovers the others, so one filtering pass is enough.
-        areas = [np.count_nonzero(v) for v in _visible_masks(full)]
+        areas = [np.count_nonzero(v) for v in visible_masks(full)]
         keep = [
             i
             for i, area in enumerate(areas)
@@ -223,7 +212,7 @@ def _render_image(
     # Integer sensor noise: as good as Gaussian here and several times cheaper to draw.
     noise = rng.integers(-3, 4, image.shape, dtype=np.int8)
     image = cv2.add(image, noise, dtype=cv2.CV_8U)  # saturating
-    return image, [(s.category, m) for s, m in zip(shapes, _visible_masks(full))]
+    return image, [(s.category, m) for s, m in zip(shapes, visible_masks(full))]
 
 
 # ---------------------------------------------------------------------------------------

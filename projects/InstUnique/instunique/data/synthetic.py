@@ -41,6 +41,7 @@ __all__ = [
     "ensure_splits",
     "register_synthetic",
     "materialize_synthetic",
+    "visible_masks",
 ]
 
 # One image: (image (S, S, 3) uint8 BGR, [(0-based category, (S, S) bool mask), ...]).
@@ -64,6 +65,18 @@ class SyntheticSpec:
     min_image_size: int
     # Non-empty: a panoptic dataset (COCO-panoptic files, evaluator "coco_panoptic_seg").
     stuff_classes: Sequence[str] = ()
+
+
+def visible_masks(full: List[np.ndarray]) -> List[np.ndarray]:
+    """Masks painted back to front (first is farthest) -> each minus all painted after it."""
+    if not full:
+        return []
+    covered = np.zeros_like(full[0])
+    visible = []
+    for mask in reversed(full):
+        visible.append(mask & ~covered)
+        covered |= mask
+    return visible[::-1]
 
 
 def _default_root() -> str:

@@ -12,6 +12,7 @@ from detectron2.engine import (
     HookBase,
     SimpleTrainer,
     create_ddp_model,
+    hooks,
 )
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.utils import comm
@@ -100,8 +101,15 @@ class Trainer(DefaultTrainer):
             super().run_step()
 
     def build_hooks(self):
+        built = super().build_hooks()
+        keep = self.cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP
+        if keep < 0:
+            raise ValueError(f"SOLVER.CHECKPOINT_MAX_TO_KEEP = {keep} must be >= 0 (0: all)")
+        for hook in built:
+            if isinstance(hook, hooks.PeriodicCheckpointer) and keep:
+                hook.max_to_keep = keep
         # First, so that no other hook's before_step draws from unseeded generators.
-        return [SeedEachStep(), *super().build_hooks()]
+        return [SeedEachStep(), *built]
 
     @classmethod
     def build_train_loader(cls, cfg):

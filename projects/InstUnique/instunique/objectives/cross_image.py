@@ -18,9 +18,11 @@ under MODEL.INST_UNIQUE.CROSS_IMAGE, see config.py):
 - hard negatives: "none" (every pair, Alg. 1), "threshold" (only pairs whose wrong-answer
   probability sigmoid(h / T) reaches a threshold: official CondInst, 0.8) or "topk" (the k
   hardest external pixels of each query);
-- normalisation: "mean" over the kept (query, pixel) pairs (Alg. 1, and the official
-  CondInst mean), or "per_query": each query's mean over its kept pixels, summed over
-  queries and divided by the number of ground-truth masks (the base criterion's way);
+- normalisation: "mean" over the kept (query, pixel) pairs (Alg. 1), "mean_all" over every
+  scored pair, the ones a hard-negative rule leaves out counting as zeros (the official
+  CondInst code: its thresholded s is zeroed, then averaged), or "per_query": each query's
+  mean over its kept pixels, summed over queries and divided by the number of ground-truth
+  masks (the base criterion's way);
 - the reference of a logit (ours, not the paper's): "none" (z itself, target 0: an
   external response is wrong however weak the query's own one) or "own_instance" (z - z_own,
   with z_own = e . r and r the mean pixel embedding of the query's matched instance in its
@@ -48,7 +50,7 @@ QUERIES = ("all", "matched")
 PIXEL_GRADIENTS = ("none", "batch")
 LOSSES = ("focal", "probability")
 HARD_NEGATIVES = ("none", "threshold", "topk")
-NORMALIZATIONS = ("mean", "per_query")
+NORMALIZATIONS = ("mean", "mean_all", "per_query")
 REFERENCES = ("none", "own_instance")
 
 
@@ -117,7 +119,7 @@ class _ExternalLoss(torch.autograd.Function):
     normalisations are exact after the last chunk.
 
     With ``opts.grad_rows`` > 0 the first ``grad_rows`` pixels get their gradient the same
-    way (only with the "mean" normalisation, whose divisor is one scalar).
+    way (only with the "mean" and "mean_all" normalisations, whose divisor is one scalar).
 
     Top-k hard negatives stream too: a running top-k of hardness logits (R, k) and their
     pixel indices is merged with each chunk (topk of the concatenation), so memory is
@@ -135,6 +137,7 @@ class _ExternalLoss(torch.autograd.Function):
         r = q.shape[0]
         row_loss = q.new_zeros(r)
         row_count = q.new_zeros(r)
+        row_scored = q.new_zeros(r)  # external pairs scored, kept or not ("mean_all")
         grad = torch.zeros_like(q)
         need_grad = ctx.needs_input_grad[0]
         rows = opts.grad_rows if ctx.needs_input_grad[1] else 0
@@ -162,6 +165,7 @@ class _ExternalLoss(torch.autograd.Function):
                 keep = None
                 if torch.isin(ids, own_ids).any():
                     keep = query_ids[:, None] != ids[None]
+                row_scored += f.shape[0] if keep is None else keep.sum(1)
                 if opts.hard_negatives == "topk":
                     if keep is not None:
                         h.masked_fill_(~keep, -math.inf)
@@ -185,8 +189,9 @@ class _ExternalLoss(torch.autograd.Function):
             if top is not None:
                 _topk_terms(top, q, pixels, query_cls, pixel_cls, stuff, any_stuff, opts,
                             row_loss, row_count, grad if need_grad else None)
-        if opts.normalization == "mean":
-            count = row_count.sum().clamp(min=1.0)
+        if opts.normalization in ("mean", "mean_all"):
+            count = (row_count if opts.normalization == "mean" else row_scored).sum()
+            count = count.clamp(min=1.0)
             total = row_loss.sum() / count
             grad /= count
             grad_pixels /= count
@@ -260,9 +265,10 @@ def external_focal_loss(
     _check_choice("loss", loss, LOSSES)
     _check_choice("hard_negatives", hard_negatives, HARD_NEGATIVES)
     _check_choice("normalization", normalization, NORMALIZATIONS)
-    if grad_rows and (normalization != "mean" or hard_negatives == "topk"):
+    if grad_rows and (normalization == "per_query" or hard_negatives == "topk"):
         raise ValueError("external_focal_loss: a pixel gradient (grad_rows > 0) needs "
-                         "normalization 'mean' and hard negatives other than 'topk'")
+                         "normalization 'mean' or 'mean_all' and hard negatives other than "
+                         "'topk'")
     if pixels.shape[0] == 0 or queries.shape[0] == 0:
         return queries.sum() * 0.0 + pixels.sum() * 0.0
     opts = _Options(
@@ -331,9 +337,9 @@ def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
     ):
         if not ok:
             raise ValueError(f"{_KEY}{key} must be {rule}, got {value}")
-    if pixel_gradient == "batch" and (normalization != "mean" or hard_negatives == "topk"):
-        raise ValueError(f'{_KEY}PIXEL_GRADIENT "batch" needs {_KEY}NORMALIZATION "mean" '
-                         f'and {_KEY}HARD_NEGATIVES other than "topk", got '
+    if pixel_gradient == "batch" and (normalization == "per_query" or hard_negatives == "topk"):
+        raise ValueError(f'{_KEY}PIXEL_GRADIENT "batch" needs {_KEY}NORMALIZATION "mean" or '
+                         f'"mean_all" and {_KEY}HARD_NEGATIVES other than "topk", got '
                          f"{normalization!r} and {hard_negatives!r}")
     if reference == "own_instance" and queries != "matched":
         raise ValueError(f'{_KEY}REFERENCE "own_instance" needs {_KEY}QUERIES "matched" (an '
