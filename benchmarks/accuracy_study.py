@@ -269,6 +269,30 @@ STUDIES["uniqueness_shapes"] = [
 ]
 METRICS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 # Supp. Table S2 in miniature: panoptic Mask2Former on shapes_panoptic, scored by PQ.
+# The method in the paper's regime (issue "Test the method where the paper says it works"):
+# instances that differ in appearance (shapes_diverse), an ImageNet-pretrained backbone.
+# Eq. 5 as released in the official CondInst code: its thresholded s averaged over every pair.
+RELEASED_EQ5 = OFFICIAL_EQ5 + [CI + "NORMALIZATION", "mean_all"]
+# The cross-image term of the released Mask2Former code (no equivariance term there).
+CROSS_SCENE = [CI + "MODE", "cross_scene", "MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", "False"]
+DIVERSE_BASELINE = "configs/shapes_diverse/paired_views_mask2former_effl0_diverse.yaml"
+DIVERSE_INSTUNIQUE = "configs/shapes_diverse/instunique_mask2former_effl0_diverse.yaml"
+REGIME_ARMS = [
+    ("InstUnique, Alg. 1 (the shapes defaults)", []),
+    ("released Mask2Former cross-scene decoding", CROSS_SCENE),
+    ("official Eq. 5 as released + official Eq. 8", RELEASED_EQ5 + OFFICIAL_EQ8),
+    ("official Eq. 5 + Eq. 8, against the own instance",
+     OFFICIAL_EQ5 + OFFICIAL_EQ8 + OWN_INSTANCE),
+]
+STUDIES["regime_diverse"] = [
+    ("baseline (paired views)", DIVERSE_BASELINE, []),
+    *[(name, DIVERSE_INSTUNIQUE, opts) for name, opts in REGIME_ARMS],
+]
+STUDIES["regime_shapes"] = [
+    ("baseline (paired views)", "configs/shapes/paired_views_mask2former_effl0_shapes.yaml", []),
+    *[(name, "configs/shapes/instunique_mask2former_effl0_shapes.yaml", opts)
+      for name, opts in REGIME_ARMS],
+]
 STUDIES["panoptic"] = [
     ("baseline (paired views)", "configs/shapes/paired_views_mask2former_panoptic_shapes.yaml",
      []),

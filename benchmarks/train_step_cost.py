@@ -30,6 +30,9 @@ VARIANTS = {
     "+ cross-image, memory 100k": (True, 100000, False, ()),
     "+ equivariance": (False, 0, True, ()),
     "all (memory 100k)": (True, 100000, True, ()),
+    # The cross-image term of the released Mask2Former code (objectives/cross_scene.py).
+    "+ cross-scene decoding (released Mask2Former)":
+        (True, 0, False, ("MODEL.INST_UNIQUE.CROSS_IMAGE.MODE", "cross_scene")),
     # What a user of the config trains: every term at the config's own memory capacity.
     "all (the config's defaults)": (True, None, True, ()),
     # The same with the terms' gradient clipped with the base loss's, or apart from it (a

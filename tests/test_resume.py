@@ -308,3 +308,25 @@ def test_the_seed_of_the_first_run_is_kept_on_resume(tiny_shapes, tmp_path):
         old.resume_or_load(resume=True)
     assert old.start_iter == 1 and old.seed == old._sampler.seed == 5
     assert "The checkpoint has no seed" in log.text
+
+
+def test_warm_start_continues_another_runs_checkpoint(tiny_shapes, tmp_path):
+    terms_off = ("MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED", False,
+                 "MODEL.INST_UNIQUE.EQUIVARIANCE.ENABLED", False)
+    full = _train(_cfg(tmp_path / "baseline", "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
+                       *terms_off))
+    half = str(tmp_path / "baseline" / "model_0000001.pth")
+    # The baseline's own config warm-started at the half repeats its second half exactly:
+    # weights, optimizer, schedule and data order all continue.
+    same = _train(_cfg(tmp_path / "same", "SOLVER.MAX_ITER", 4, "SOLVER.WARM_START", half,
+                       *terms_off))
+    assert sorted(same) == [2, 3] and same == {k: full[k] for k in (2, 3)}
+    # With the terms on, the first step sees the baseline's weights and images: the same
+    # base losses, and the terms beside them.
+    terms = _train(_cfg(tmp_path / "terms", "SOLVER.MAX_ITER", 4, "SOLVER.WARM_START", half))
+    assert sorted(terms) == [2, 3]
+    for key in ("loss_ce", "loss_mask", "loss_dice"):
+        assert terms[2][key] == full[2][key], key
+    assert "loss_cross_image" in terms[2] and "loss_equi_mask" in terms[2]
+    with pytest.raises(FileNotFoundError, match="SOLVER.WARM_START"):
+        _train(_cfg(tmp_path / "bad", "SOLVER.WARM_START", str(tmp_path / "none.pth")))

@@ -44,6 +44,9 @@ class SegmenterAdapter(ABC):
 
     #: stride of ``pixel_embeds`` with respect to the padded input image.
     pixel_stride: int = 4
+    #: whether the adapter has ``scene(raw)`` and ``decode_across(raw, scene)``: one batch's
+    #: queries decoded on another batch's features (CROSS_IMAGE.MODE "cross_scene").
+    decodes_across_scenes: bool = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -34,6 +34,12 @@ def add_instunique_config(cfg):
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.ENABLED = True
     # Weight w_cross of L_cross in the total loss (Eq. 5 enters unweighted in the paper).
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.WEIGHT = 1.0
+    # What the cross-image term is: "pixels" (Eq. 5 and Alg. 1: the queries scored against
+    # external pixel embeddings, the keys below) or "cross_scene" (the paper's released
+    # Mask2Former code, commit 6ab0740 of JamesLiang819/Instance_Unique_Querying: each image's
+    # queries decoded on the previous batch's image and supervised with its ground truth;
+    # objectives/cross_scene.py; WEIGHT scales it, the other CROSS_IMAGE keys are not read).
+    cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.MODE = "pixels"
     # Which queries are scored against external pixels: "all" (Alg. 1 read literally: every
     # query of every image) or "matched" (the official SOLOv2 and CondInst code: only the
     # queries the base matcher assigned to an instance; the others get no Eq. 5 gradient).
@@ -137,6 +143,10 @@ def add_instunique_config(cfg):
     # -0.7 AP [-6.6, +5.2] against every step over 5 seeds, +10% step time instead of +72%.
     cfg.MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD = 1
 
+    # A checkpoint of another run (a path) to continue from, as --resume continues one's own:
+    # weights, optimizer, scheduler, iteration, seed and data order. For warm starts: runs
+    # that share a baseline's first half and differ in the second. "": start afresh. Ours.
+    cfg.SOLVER.WARM_START = ""
     # Periodic checkpoints (SOLVER.CHECKPOINT_PERIOD) kept on disk: the newest this many,
     # model_final.pth always; 0 keeps every one (detectron2's behaviour).
     cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP = 0

@@ -9,10 +9,14 @@ from torch import nn
 
 from .adapter import build_adapter
 from .data.panoptic import training_stuff_classes
-from .objectives import CrossImageLoss, EquivarianceLoss, PixelMemory
+from .objectives import CrossImageLoss, CrossSceneLoss, EquivarianceLoss, PixelMemory
 from .transforms.build import build_transform_family
 
 _SEGMENTER = "segmenter."
+# State of InstUnique's own, beside the base model's: the pixel memory, the cross-scene bank.
+_OWN_STATE = ("memory.", "cross_scene.")
+# MODEL.INST_UNIQUE.CROSS_IMAGE.MODE
+CROSS_IMAGE_MODES = ("pixels", "cross_scene")
 # Keys of the loss dict that InstUnique adds to the base segmenter's own.
 _TERM_PREFIXES = ("loss_cross_image", "loss_equi_")
 
@@ -43,11 +47,13 @@ class InstUnique(nn.Module):
         equivariance: Optional[EquivarianceLoss],
         memory: Optional[PixelMemory],
         base_loss_on_paired_view: bool = True,
+        cross_scene: Optional[CrossSceneLoss] = None,
     ):
         super().__init__()
         self.segmenter = segmenter
         self.adapter = build_adapter(segmenter)
         self.cross_image = cross_image
+        self.cross_scene = cross_scene
         self.equivariance = equivariance
         self.memory = memory
         self.base_loss_on_paired_view = base_loss_on_paired_view
@@ -67,9 +73,15 @@ class InstUnique(nn.Module):
             )
         segmenter = META_ARCH_REGISTRY.get(iu.BASE_META_ARCHITECTURE)(base_cfg)
         adapter = build_adapter(segmenter)
-        cross = eq = memory = None
+        cross = eq = memory = scene = None
         _check_nonnegative(cfg)
-        if iu.CROSS_IMAGE.ENABLED:
+        if iu.CROSS_IMAGE.MODE not in CROSS_IMAGE_MODES:
+            raise ValueError(f"MODEL.INST_UNIQUE.CROSS_IMAGE.MODE must be one of "
+                             f"{CROSS_IMAGE_MODES}, got {iu.CROSS_IMAGE.MODE!r}")
+        if iu.CROSS_IMAGE.ENABLED and iu.CROSS_IMAGE.MODE == "cross_scene":
+            CrossSceneLoss.check_adapter(adapter)
+            scene = CrossSceneLoss(weight=iu.CROSS_IMAGE.WEIGHT)
+        elif iu.CROSS_IMAGE.ENABLED:
             if iu.CROSS_IMAGE.PIXELS_PER_IMAGE < 1:
                 raise ValueError(
                     "MODEL.INST_UNIQUE.CROSS_IMAGE.PIXELS_PER_IMAGE must be >= 1, got "
@@ -105,7 +117,8 @@ class InstUnique(nn.Module):
                                   matching=iu.EQUIVARIANCE.MATCHING,
                                   class_term=iu.EQUIVARIANCE.CLASS_TERM)
         return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory,
-                "base_loss_on_paired_view": iu.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW}
+                "base_loss_on_paired_view": iu.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW,
+                "cross_scene": scene}
 
     @property
     def device(self):
@@ -169,6 +182,8 @@ class InstUnique(nn.Module):
             losses["loss_cross_image"] = loss
             if self.memory is not None:
                 self.memory.enqueue(*sampled)
+        if self.cross_scene is not None:
+            losses.update(self.cross_scene(self.adapter, outputs, targets))
         return losses
 
     def _needs_paired_view_matching(self) -> bool:
@@ -231,6 +246,6 @@ def _strip_segmenter_prefix(module, state_dict, prefix, local_metadata):
 def _add_segmenter_prefix(state_dict, prefix, *args):
     for key, value in [(k, state_dict.pop(k)) for k in list(state_dict) if k.startswith(prefix)]:
         rest = key[len(prefix) :]
-        if not rest.startswith(("memory.", _SEGMENTER)):
+        if not rest.startswith((*_OWN_STATE, _SEGMENTER)):
             key = prefix + _SEGMENTER + rest
         state_dict[key] = value

@@ -23,6 +23,7 @@ from ..data import InstanceViewMapper, PairedViewMapper
 from ..data.datasets import prepare_dataset
 from ..data.sampler import build_resumable_train_loader
 from ..evaluation import QueryUniquenessEvaluator, build_dataset_evaluators
+from ..objectives.cross_scene import CrossSceneLoss
 from ..objectives.memory import PixelMemory
 from ..rng import STEP, resolve_seed, seed_all
 from ..solver import build_optimizer
@@ -126,11 +127,21 @@ class Trainer(DefaultTrainer):
         return build_detection_train_loader(cfg, mapper=mapper)
 
     def resume_or_load(self, resume: bool = True):
-        """detectron2's resume_or_load, and: stale temporary files of interrupted saves are
+        """detectron2's resume_or_load, and: SOLVER.WARM_START continues another run's
+        checkpoint, stale temporary files of interrupted saves are
         removed, an unreadable newest checkpoint is passed over for the newest readable one
         (with a warning), and the data stream continues at the resumed iteration."""
         self.checkpointer.remove_stale_temporaries()
-        super().resume_or_load(resume=resume)
+        warm = self.cfg.SOLVER.WARM_START
+        if warm and not (resume and self.checkpointer.has_checkpoint()):
+            if not os.path.isfile(warm):
+                raise FileNotFoundError(f"SOLVER.WARM_START = {warm!r}: no such checkpoint")
+            # Everything a resume restores (weights, optimizer, scheduler, iteration, seed),
+            # from another run's checkpoint; this run's own checkpoints then take over.
+            self.checkpointer.load(warm)
+            self.start_iter = self.iter + 1
+        else:
+            super().resume_or_load(resume=resume)
         if self._sampler is not None:
             self._sampler.start_at(self.start_iter, seed=self.seed)
             # The sampler is read when the loader's iterator is made (by the first step);
@@ -210,7 +221,7 @@ def load_for_evaluation(cfg, model, resume: bool = False) -> None:
             "set MODEL.WEIGHTS to a checkpoint (or TEST.ALLOW_RANDOM_WEIGHTS True)"
         )
     checkpointer.load(path, source=source)
-    unloaded = checkpointer.unloaded_keys(ignore_modules=(PixelMemory,))
+    unloaded = checkpointer.unloaded_keys(ignore_modules=(PixelMemory, CrossSceneLoss))
     if unloaded:
         shown = ", ".join(unloaded[:10]) + (f", ... ({len(unloaded)} in all)"
                                             if len(unloaded) > 10 else "")

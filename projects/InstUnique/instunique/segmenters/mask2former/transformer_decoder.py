@@ -278,7 +278,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             - "pred_embeds": (B, Q, mask_dim) its mask embeddings e_q; pred_masks is
               einsum("bqc,bchw->bqhw", pred_embeds, mask_features),
             - "aux_outputs": list of ``num_layers`` dicts with "pred_logits" (if
-              mask_classification) and "pred_masks" of the earlier predictions, in order.
+              mask_classification) and "pred_masks" of the earlier predictions, in order;
+            - "query_states": ``num_layers + 1`` tensors (B, Q, d), the queries each
+              prediction was made from, and "query_pos" (B, Q, d) their positions: what
+              ``decode_across`` reads.
         """
         del mask
         self._check_inputs(x, mask_features)
@@ -293,6 +296,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             queries = self.query_feat.weight.unsqueeze(1).expand(-1, batch_size, -1)
 
         predictions = [self._predict(queries, mask_features)]
+        states = [queries]
         if self.query_selection:
             # As Mask DINO: the first prediction trains the chosen tokens, the layers start
             # from a detached copy (their gradient reaches the memory through attention).
@@ -306,7 +310,54 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             queries = self.transformer_self_attention_layers[i](queries, query_pos=query_pos)
             queries = self.transformer_ffn_layers[i](queries)
             predictions.append(self._predict(queries, mask_features))
+            states.append(queries)
 
+        out = self._outputs(predictions)
+        # Batch-first, so that slicing a batch of raw outputs slices these too.
+        out["query_states"] = [q.transpose(0, 1) for q in states]
+        out["query_pos"] = query_pos.transpose(0, 1)
+        return out
+
+    def decode_across(self, query_states: List[Tensor], query_pos: Tensor, x: List[Tensor],
+                      mask_features: Tensor) -> Dict[str, object]:
+        """Predictions of one batch's queries on the features of other images, as the
+        released Mask2Former code of the paper does (JamesLiang819/Instance_Unique_Querying
+        6ab0740, ``mask2former_head_contrast.py``): the first prediction is made from the
+        bare queries on the other image's mask features; layer i takes the queries *after*
+        layer i of their own image's decoding, attends (masked by the previous prediction
+        on the other image) to the other image's level, and predicts there.
+
+        Args:
+            query_states, query_pos: ``forward``'s "query_states" and "query_pos" of the
+                B images whose queries are decoded.
+            x, mask_features: the other B images' multi-scale features and mask features,
+                as ``forward`` takes them (image b's queries read image b of these).
+        Returns:
+            "pred_logits", "pred_masks" and "aux_outputs" as ``forward``.
+        """
+        self._check_inputs(x, mask_features)
+        if len(query_states) != self.num_layers + 1:
+            raise ValueError(f"expected {self.num_layers + 1} query states, got "
+                             f"{len(query_states)}")
+        memories, positions = zip(*(self._flatten_level(i, feat) for i, feat in enumerate(x)))
+        level_sizes = [feat.shape[-2:] for feat in x]
+        states = [q.transpose(0, 1) for q in query_states]
+        query_pos = query_pos.transpose(0, 1)
+        predictions = [self._predict(states[0], mask_features)]
+        for i in range(self.num_layers):
+            level = i % NUM_FEATURE_LEVELS
+            attn_mask = self._attention_mask(predictions[-1]["pred_masks"], level_sizes[level])
+            queries = self.transformer_cross_attention_layers[i](
+                states[i + 1], memories[level], attn_mask, pos=positions[level],
+                query_pos=query_pos,
+            )
+            queries = self.transformer_self_attention_layers[i](queries, query_pos=query_pos)
+            queries = self.transformer_ffn_layers[i](queries)
+            predictions.append(self._predict(queries, mask_features))
+        return self._outputs(predictions)
+
+    @staticmethod
+    def _outputs(predictions: List[Dict[str, Tensor]]) -> Dict[str, object]:
         out = dict(predictions[-1])
         out["aux_outputs"] = [
             {k: v for k, v in p.items() if k != "pred_embeds"} for p in predictions[:-1]
