@@ -104,3 +104,33 @@ def test_head_names_in_configs():
     with pytest.raises(KeyError, match="MODEL.SEM_SEG_HEAD.NAME='Nope' is not a registered "
                                        "segmentation head; known: .*'MaskFormerHead'"):
         build_model(cfg)
+
+
+_DATASETS_EITHER_ORDER = textwrap.dedent("""
+    import sys
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    names = ["coco_2017_train_panoptic_with_sem_seg", "coco_2017_val_panoptic_with_sem_seg"]
+
+    def official():  # what mask2former registers at its import (it fails on a name taken)
+        for name in names:
+            DatasetCatalog.register(name, lambda: [])
+            MetadataCatalog.get(name).set(official=True)
+
+    if sys.argv[1] == "official first":
+        official()
+        import instunique  # noqa: F401
+        from instunique.data.datasets import check_dataset
+        print(check_dataset(names[1]).official)
+    else:
+        import instunique  # noqa: F401
+        official()
+        print(MetadataCatalog.get(names[1]).official)
+""")
+
+
+@pytest.mark.parametrize("order", ["official first", "ours first"])
+def test_official_coco_panoptic_dataset_names_in_either_order(order):
+    run = subprocess.run([sys.executable, "-c", _DATASETS_EITHER_ORDER, order],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "True"

@@ -73,16 +73,15 @@ def add_instunique_config(cfg):
     # features) or "batch", also the pixel embeddings of the other images of the batch (the
     # memory stays detached), so the pixel decoder too can make look-alike instances of
     # different images answer differently. Ours, not the paper's: an ablation
-    # (README, shapes_crowd study). "batch" needs NORMALIZATION "mean" or "mean_all" and
+    # (docs/results/eq5_eq8_variants.md). "batch" needs NORMALIZATION "mean" or "mean_all" and
     # no "topk".
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.PIXEL_GRADIENT = "none"
     # What an external logit z = e . f is measured against: "none" (z itself, target 0: the
     # paper's Eq. 5) or "own_instance" (z - e . r, r the mean pixel embedding of the query's
     # matched instance in its own image, so the loss asks "fires on the external pixel less
     # than on its own instance" and its gradient moves e along f - r). Ours, not the
-    # paper's: Eq. 5 at target 0 makes queries timid on look-alike data. With the official
-    # Eq. 5 on shapes it lowers external firing by a fifth and duplicates, still at a cost
-    # in AP (README, Eq. 5 / Eq. 8 variants). Needs QUERIES "matched".
+    # paper's: Eq. 5 at target 0 makes queries timid on look-alike data
+    # (docs/results/eq5_eq8_variants.md). Needs QUERIES "matched".
     cfg.MODEL.INST_UNIQUE.CROSS_IMAGE.REFERENCE = "none"
     # Pixel embeddings sampled per image and iteration from its unpadded area: they are the
     # other images' external features in this batch and enter the memory after the loss.
@@ -132,15 +131,15 @@ def add_instunique_config(cfg):
     # SOLVER.CLIP_GRADIENTS says. > 0: the base loss's gradient is clipped to
     # SOLVER.CLIP_GRADIENTS.CLIP_VALUE as in the paired-view baseline and the terms' (Eq. 5 +
     # Eq. 8) to this norm, then added (instunique/engine/term_clipping.py; needs CLIP_TYPE
-    # "full_model", costs a second backward pass). Why: the terms double SparseInst's
-    # gradient norm on shapes, so clipping the sum halves the base loss's share of every
-    # step; its shapes config sets 0.25 (README, Results: -16.3 AP -> -5.7, 5 seeds).
+    # "full_model", costs a second backward pass). Why: where the terms' gradient outgrows
+    # the base loss's, clipping the sum shrinks the base loss's share of every step
+    # (docs/results/sparseinst_shapes.md).
     cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE = 0.0
     # With TERMS_CLIP_VALUE > 0: clip apart exactly (two backward passes) every this many
     # steps; in between, one backward pass weights the terms by the ratio of the two clip
     # factors last measured and clips the sum to the norm the exact clip gave then (ours,
-    # engine/term_clipping.py). 1: exact at every step. The SparseInst shapes config sets 10:
-    # -0.7 AP [-6.6, +5.2] against every step over 5 seeds, +10% step time instead of +72%.
+    # engine/term_clipping.py). 1: exact at every step (accuracy and cost of both:
+    # docs/results/sparseinst_shapes.md, docs/results/step_cost.md).
     cfg.MODEL.INST_UNIQUE.TERMS_CLIP_PERIOD = 1
 
     # A checkpoint of another run (a path) to continue from, as --resume continues one's own:

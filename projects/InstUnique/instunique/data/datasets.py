@@ -2,12 +2,13 @@
 Dataset registration and early, readable checks.
 
 Importing this module registers the built-in synthetic datasets ``shapes``, ``blobs``,
-``shapes_crowd`` and ``shapes_panoptic`` (``{name}_train`` / ``{name}_val``, see
-:mod:`.synthetic`) under ``$DETECTRON2_DATASETS`` without touching the disk. COCO and the
-other builtin datasets are registered by detectron2 itself
+``shapes_crowd``, ``shapes_diverse`` and ``shapes_panoptic`` (``{name}_train`` /
+``{name}_val``, see :mod:`.synthetic`) under ``$DETECTRON2_DATASETS`` without touching the
+disk. COCO and the other builtin datasets are registered by detectron2 itself
 (``detectron2.data.datasets.builtin``) under the same root, read once when detectron2 is
-imported; COCO panoptic with semantic PNGs (Mask2Former's names) by
-:mod:`.coco_panoptic_semseg`.
+imported; COCO panoptic with semantic PNGs (Mask2Former's names, ``coco_2017_*_panoptic_
+with_sem_seg``) by :mod:`.coco_panoptic_semseg` when :func:`check_dataset` first meets them
+and no one else (the official mask2former package) has registered them.
 
 Training and evaluation should call :func:`prepare_dataset` on every dataset they use
 before building loaders or evaluators: it turns "file not found deep inside a worker"
@@ -25,7 +26,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 
 from .blobs import BLOBS
-from .coco_panoptic_semseg import register_coco_panoptic_with_sem_seg
+from .coco_panoptic_semseg import COCO_SEMSEG_SPLITS, register_coco_panoptic_with_sem_seg
 from .shapes import SHAPES, SHAPES_CROWD
 from .shapes_diverse import SHAPES_DIVERSE
 from .shapes_panoptic import SHAPES_PANOPTIC
@@ -60,7 +61,6 @@ def register_all(root=None) -> None:
         names = [f"{spec.folder}_{split}" for split in ("train", "val")]
         if not any(n in DatasetCatalog.list() for n in names):
             register_synthetic(spec, root)
-    register_coco_panoptic_with_sem_seg(root or _builtin_root())
 
 
 def _builtin_root() -> str:
@@ -132,6 +132,10 @@ def check_dataset(name: str) -> Metadata:
     """
     if not isinstance(name, str):
         raise ValueError(f"dataset name must be a str, got {type(name).__name__}: {name!r}")
+    if name in COCO_SEMSEG_SPLITS and name not in DatasetCatalog.list():
+        # Registered on first use, not at import: the official mask2former package
+        # registers these names at its import and fails on names taken, in either order.
+        register_coco_panoptic_with_sem_seg(_builtin_root())
     if name not in DatasetCatalog.list():
         raise DatasetNotRegisteredError(_unknown_dataset_message(name))
     materialize_synthetic(name)

@@ -1,8 +1,9 @@
 """Clip the base loss's gradient and InstUnique's terms' gradient each on its own.
 
 The shapes recipes clip the whole model's gradient norm (Mask2Former's recipe). The terms
-make that norm ~2x larger (SparseInst on shapes, README), so clipping the sum shrinks the
-base loss's share of every step by a factor that varies from step to step. With
+make that norm larger (SparseInst on shapes: docs/results/sparseinst_shapes.md), so
+clipping the sum shrinks the base loss's share of every step by a factor that varies from
+step to step. With
 ``MODEL.INST_UNIQUE.TERMS_CLIP_VALUE`` > 0 the base gradient is clipped to
 ``SOLVER.CLIP_GRADIENTS.CLIP_VALUE`` exactly as in the paired-view baseline, the terms' to
 their own value, and the two are added: the terms cannot take more than that from a step.
@@ -100,11 +101,12 @@ class TermClipper:
     with one backward pass: the terms weighted by the ratio of the two clip factors of the
     last exact step, the sum clipped to the norm the exact clip gave then.
 
-    The exact clip's second backward pass is the whole of its extra cost (README: +72% per
-    step for SparseInst on shapes); the norms it divides by drift over hundreds of
-    iterations (README), so measuring them every ``period`` steps keeps the base loss's
-    share of a step near the exact clip's at 1 / ``period`` of that cost. What it measured
-    is in :meth:`state_dict`, so a resumed run repeats the uninterrupted one.
+    The exact clip's second backward pass is the whole of its extra cost
+    (docs/results/step_cost.md); the norms it divides by drift over hundreds of
+    iterations (docs/results/sparseinst_shapes.md), so measuring them every ``period``
+    steps keeps the base loss's share of a step near the exact clip's at 1 / ``period`` of
+    that cost. What it measured is in :meth:`state_dict`, so a resumed run repeats the
+    uninterrupted one.
     """
 
     def __init__(self, params: List[nn.Parameter], base_clip: float, terms_clip: float,

@@ -60,10 +60,9 @@ def add_mask2former_config(cfg):
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
     # Ours, not in Mask2Former: cut each instance mask to its largest 8-connected piece
     # before its mask score and box. A query's mask often also fires on touching
-    # look-alikes (README, "A competent base"); on the held-out images of trained models
-    # (benchmarks/largest_component.py): +5.2 mask AP on blobs, +1.9 on shapes (3 seeds),
-    # +0.8 on shapes_crowd (5). Off, as the official model: an occluded object can be
-    # visible in several pieces, as on COCO.
+    # look-alikes (measured by benchmarks/largest_component.py:
+    # docs/results/competent_base.md). Off, as the official model: an occluded object can
+    # be visible in several pieces, as on COCO.
     cfg.MODEL.MASK_FORMER.TEST.LARGEST_COMPONENT = False
 
     # Images are padded to a multiple of this before the backbone.

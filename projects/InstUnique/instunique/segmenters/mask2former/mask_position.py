@@ -2,7 +2,7 @@
 
 A mask logit is a dot product e_q . F(p). When two touching instances look alike, their
 pixels have nearly equal F, so no query embedding can fire on one and not the other: the
-query's mask spreads over look-alikes (measured on ``blobs``: README, "A competent base").
+query's mask spreads over look-alikes (measured on ``blobs``: docs/results/competent_base.md).
 SOLO, CondInst and SparseInst give their mask features coordinates for this reason.
 Here F' = F + W . PE(p): PE is the sine embedding of the absolute feature-cell position
 (as the pixel decoder's, not normalised, so padding does not move it) and W a 1x1 conv,

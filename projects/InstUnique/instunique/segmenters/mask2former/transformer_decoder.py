@@ -10,7 +10,7 @@ With ``query_selection`` (ours, after Mask DINO's query selection) the queries a
 learned embeddings: each image's top-Q tokens of the multi-scale memory, scored by the
 class head, become its queries, with their own positions. A query then starts on an
 object from the first step, where a learned query must first learn where to look (the
-convergence gap of the README's "A competent base").
+convergence gap of docs/results/competent_base.md).
 
 Sub-module names and shapes follow the official implementation so that official
 checkpoints load unchanged.
