@@ -6,26 +6,17 @@
 """
 import os
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 
-from instunique import add_instunique_config
+from instunique import load_config
 from instunique.data.datasets import check_dataset
 from instunique.data.user_datasets import setup_user_datasets
 from instunique.data.validation import validate_datasets
 from instunique.engine.trainer import Trainer, check_device, load_for_evaluation
 
 
-def load_config(args):
-    cfg = get_cfg()
-    add_instunique_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg
-
-
 def setup(args):
-    cfg = load_config(args)
+    cfg = load_config(args.config_file, args.opts)
     # DATASETS.REGISTER: the user's COCO-format data; also checks or sets NUM_CLASSES.
     setup_user_datasets(cfg, eval_only=args.eval_only)
     cfg.freeze()
@@ -53,7 +44,7 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    if args.num_gpus > 1 and load_config(args).MODEL.DEVICE == "cpu":
+    if args.num_gpus > 1 and load_config(args.config_file, args.opts).MODEL.DEVICE == "cpu":
         # detectron2's launcher takes NCCL whenever CUDA is visible; CPU processes need gloo.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     launch(

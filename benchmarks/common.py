@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -15,7 +14,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from instunique import add_instunique_config
+import instunique
 from instunique.data import PairedViewMapper
 from instunique.data.datasets import prepare_dataset
 from instunique.engine import term_clipping
@@ -24,11 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(path: str, opts=()):
-    cfg = get_cfg()
-    add_instunique_config(cfg)
-    cfg.merge_from_file(path if os.path.isabs(path) else os.path.join(ROOT, path))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    """instunique.load_config with ``path`` relative to the repository root."""
+    return instunique.load_config(path if os.path.isabs(path) else os.path.join(ROOT, path),
+                                  opts)
 
 
 def dataset_dicts(name: str):

@@ -32,14 +32,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from instunique import add_instunique_config  # noqa: E402
+import instunique  # noqa: E402
 from instunique.data.datasets import prepare_dataset  # noqa: E402
 from instunique.data.user_datasets import setup_user_datasets  # noqa: E402
 from instunique.transforms import AffineWarp, TransformFamily  # noqa: E402
@@ -147,12 +146,7 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def load_config(config_file: str, opts: Sequence[str]):
-    if not os.path.isfile(config_file):
-        raise FileNotFoundError(f"config file not found: {config_file}")
-    cfg = get_cfg()
-    add_instunique_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = instunique.load_config(config_file, opts)
     # DATASETS.REGISTER: a user's own data names its classes (and may set NUM_CLASSES -1).
     setup_user_datasets(cfg)
     cfg.freeze()

@@ -3,11 +3,10 @@ import os
 import threading
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.structures import BitMasks, Instances
 from detectron2.utils.events import EventStorage
 
-from instunique import add_instunique_config
+from instunique import load_config
 from instunique.transforms import AffineWarp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,11 +25,7 @@ def read_reference(name: str):
 
 
 def get_config(path: str, *opts):
-    cfg = get_cfg()
-    add_instunique_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIGS, path))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return load_config(os.path.join(CONFIGS, path), ["MODEL.DEVICE", "cpu", *opts])
 
 
 def run_concurrently(fn, workers: int = 3):

@@ -7,7 +7,7 @@ from . import (
     data,  # noqa: F401  (registers the built-in datasets)
     segmenters,  # noqa: F401  (registers the base segmenters and their adapters)
 )
-from .config import add_instunique_config
+from .config import add_instunique_config, load_config
 from .meta_arch import InstUnique
 
-__all__ = ["InstUnique", "add_instunique_config"]
+__all__ = ["InstUnique", "add_instunique_config", "load_config"]

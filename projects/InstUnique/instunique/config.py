@@ -1,5 +1,10 @@
-"""``add_instunique_config``: the MODEL.INST_UNIQUE namespace and the base segmenters' keys."""
+"""``add_instunique_config``: the MODEL.INST_UNIQUE namespace and the base segmenters' keys;
+``load_config``: a config file with them, as every entry point reads one."""
+import os
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
 from .backbones.config import add_efficientnet_config, add_timm_backbone_config
 from .segmenters.mask2former.config import add_mask2former_config
@@ -168,3 +173,15 @@ def add_instunique_config(cfg):
     # Valid pixel embeddings of each image kept as external pixels (a fixed random sample
     # per image; 0: all). Bounds memory on large images; shapes (32 x 32 cells) keeps all.
     cfg.TEST.UNIQUENESS.PIXELS_PER_IMAGE = 4096
+
+
+def load_config(config_file: str, opts: Sequence = ()) -> CN:
+    """detectron2's defaults, every key of this project, ``config_file`` (its _BASE_ chain)
+    and then ``opts`` (KEY VALUE ...) on top; not frozen."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file not found: {config_file}")
+    cfg = get_cfg()
+    add_instunique_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
