@@ -13,12 +13,19 @@ paired-view baseline on shapes; ``base_shapes``, ``base_blobs``: the base Mask2F
 recipe against detectron2's Mask R-CNN, and one-change ablations of the recipe;
 ``uniqueness_crowd``, ``uniqueness_shapes``: Eq. 5 / Eq. 8 variants on shapes_crowd and
 shapes; ``sparseinst``: InstUnique vs its paired-view baseline with SparseInst as the base
-segmenter; ``panoptic``: the same with panoptic Mask2Former on shapes_panoptic, scored by PQ.
+segmenter; ``panoptic``: the same with panoptic Mask2Former on shapes_panoptic, scored by PQ;
+``pretrained_shapes``, ``pretrained_blobs``: from scratch (R18) against the ImageNet-pretrained
+EfficientNet-Lite0, for our Mask2Former and detectron2's Mask R-CNN; ``regime_diverse``,
+``regime_shapes``, ``regime_diverse_warm``: the method in the paper's regime (instances that
+differ in appearance, a pretrained backbone), with the released variants, from scratch or
+warm-started from the baseline's half-way checkpoint.
 
     python benchmarks/accuracy_study.py --study main --seeds 0 1 2
     python benchmarks/accuracy_study.py --study transforms --seeds 0 --opts SOLVER.MAX_ITER 900
     python benchmarks/accuracy_study.py --study memory --seeds 0 --opts SOLVER.MAX_ITER 900
     python benchmarks/accuracy_study.py --study base_blobs --seeds 0 1 2 --jobs 2 --threads 1
+    python benchmarks/accuracy_study.py --study regime_diverse --seeds 0 1 2 3 4 --jobs 2 \
+        --threads 1 --opts SOLVER.MAX_ITER 600
 """
 import argparse
 import json
@@ -32,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from scipy import stats
 
-from common import ROOT, machine
+from common import ROOT, load_config, machine
 
 BASELINE = "configs/shapes/paired_views_mask2former_shapes.yaml"
 INSTUNIQUE = "configs/shapes/instunique_mask2former_shapes.yaml"  # lambda = 1
@@ -295,6 +302,16 @@ STUDIES["regime_diverse"] = [
     ("baseline (paired views)", DIVERSE_BASELINE, []),
     *[(name, DIVERSE_INSTUNIQUE, opts) for name, opts in REGIME_ARMS],
 ]
+# Warm start: every arm continues the baseline's checkpoint of the half-way iteration (same
+# data order) and trains the second half with the terms. Run the baseline arm first
+# (`--arms "baseline (paired views)"`, it keeps all its checkpoints), then the others; with
+# the terms off the second half would repeat the baseline bit for bit (exact resume).
+WARM = ["SOLVER.WARM_START", "{half_checkpoint}"]
+STUDIES["regime_diverse_warm"] = [
+    ("baseline (paired views)", DIVERSE_BASELINE,
+     ["SOLVER.CHECKPOINT_MAX_TO_KEEP", "0", "SOLVER.CHECKPOINT_PERIOD", "100"]),
+    *[(f"warm start, {name}", DIVERSE_INSTUNIQUE, WARM + opts) for name, opts in REGIME_ARMS],
+]
 STUDIES["regime_shapes"] = [
     ("baseline (paired views)", "configs/shapes/paired_views_mask2former_effl0_shapes.yaml", []),
     *[(name, "configs/shapes/instunique_mask2former_effl0_shapes.yaml", opts)
@@ -408,6 +425,23 @@ def _config_value(out_dir, key):
     return str(tuple(node))
 
 
+def half_checkpoint(study_dir, first_arm, config, opts, seed):
+    """The checkpoint of the study's first arm (same seed) at the half-way iteration."""
+    cfg = load_config(config, _max_iter(opts))
+    half = cfg.SOLVER.MAX_ITER // 2 - 1
+    path = os.path.join(study_dir, slug(first_arm), f"seed{seed}", f"model_{half:07d}.pth")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: run the arm {first_arm!r} (seed {seed}) first; its "
+                                f"checkpoint of iteration {half} starts the warm arms")
+    return path
+
+
+def _max_iter(opts):
+    """The SOLVER.MAX_ITER override among KEY VALUE ``opts`` (as a list), if any."""
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    return ["SOLVER.MAX_ITER", pairs["SOLVER.MAX_ITER"]] if "SOLVER.MAX_ITER" in pairs else []
+
+
 def mean_std(values):
     if any(math.isnan(v) for v in values):  # e.g. APl where no instance is large
         return math.nan, math.nan
@@ -470,6 +504,9 @@ def main():
     def work(job):
         arm, config, opts, seed = job
         out_dir = os.path.join(study_dir, slug(arm), f"seed{seed}")
+        if "{half_checkpoint}" in opts:
+            opts = [half_checkpoint(study_dir, arms[0][0], config, [*opts, *args.opts], seed)
+                    if o == "{half_checkpoint}" else o for o in opts]
         result = run_arm(config, [*opts, *args.opts], seed, out_dir, args.threads, task)
         if args.train_ap:
             result["train_AP"] = train_ap(config, [*opts, *args.opts], out_dir, args.threads)
