@@ -15,13 +15,12 @@ from detectron2.structures import BoxMode
 
 from instunique.data import shapes_panoptic
 from instunique.data.datasets import check_dataset
+from instunique.data.metadata import stuff_contiguous_ids, thing_contiguous_ids
 from instunique.data.panoptic import (
     PanopticDataError,
     load_panoptic_json,
     panoptic_annotations,
     read_segment_ids,
-    stuff_contiguous_ids,
-    thing_contiguous_ids,
 )
 from instunique.data.shapes_panoptic import SHAPES_PANOPTIC
 from instunique.data.synthetic import ensure_splits, generate_split, register_synthetic

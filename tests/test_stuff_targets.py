@@ -4,7 +4,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
 from instunique.adapter import SegmenterOutputs
-from instunique.data.panoptic import training_stuff_classes
+from instunique.data.metadata import training_stuff_classes
 from instunique.objectives import CrossImageLoss, PixelMemory
 
 from utils import fake_pair, get_config, tiny_opts, train_step

@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
 from .adapter import build_adapter
-from .data.panoptic import training_stuff_classes
+from .data.metadata import training_stuff_classes
 from .objectives import CrossImageLoss, CrossSceneLoss, EquivarianceLoss, PixelMemory
 from .transforms.build import build_transform_family
 

@@ -6,8 +6,6 @@ import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
 from torch import nn
 
-from .engine.term_clipping import clips_terms_separately
-
 _NORMS = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
@@ -51,6 +49,13 @@ def _with_full_model_clipping(optim_cls, clip_value: float, norm_type: float):
             return super().step(closure=closure)
 
     return FullModelClipping
+
+
+def clips_terms_separately(cfg) -> bool:
+    """Whether the training loop clips the terms' gradient apart from the base loss's
+    (MODEL.INST_UNIQUE.TERMS_CLIP_VALUE > 0; engine/term_clipping.py): the optimizer then
+    clips nothing itself."""
+    return cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE > 0
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:

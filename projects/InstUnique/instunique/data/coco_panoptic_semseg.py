@@ -25,7 +25,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from .atomic_io import write_png
-from .panoptic import IGNORE_LABEL, class_metadata, load_panoptic_json, read_segment_ids
+from .metadata import class_metadata
+from .panoptic import IGNORE_LABEL, load_panoptic_json, read_segment_ids
 
 __all__ = [
     "COCO_SEMSEG_SPLITS",

@@ -23,7 +23,8 @@ from typing import Dict, Iterable, List, NamedTuple, Tuple
 import numpy as np
 
 from .atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
-from .panoptic import IGNORE_LABEL, class_metadata, load_panoptic_json
+from .metadata import class_metadata
+from .panoptic import IGNORE_LABEL, load_panoptic_json
 
 __all__ = [
     "IGNORE_LABEL",

@@ -22,13 +22,10 @@ from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
 from ..meta_arch import is_term_loss
+from ..solver import clips_terms_separately
 
 __all__ = ["TermClipper", "TermClippingTrainer", "backward_clipped_apart", "build_term_clipper",
            "check_term_clipping", "clips_terms_separately"]
-
-
-def clips_terms_separately(cfg) -> bool:
-    return cfg.MODEL.INST_UNIQUE.TERMS_CLIP_VALUE > 0
 
 
 def check_term_clipping(cfg) -> None:

@@ -10,7 +10,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
-from ...data.panoptic import thing_contiguous_ids
+from ...data.metadata import thing_contiguous_ids
 from ..query_segmenter import QuerySegmenter
 from .criterion import SetCriterion
 from .head import build_mask2former_head
