@@ -5,7 +5,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
+from detectron2.data import transforms as T
 from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
 
 from instunique.engine.trainer import load_for_evaluation
 
@@ -35,17 +37,21 @@ class Predictor(DefaultPredictor):
 
     def __init__(self, cfg):
         check_weights(cfg)
-        # DefaultPredictor would load whatever matches and warn about the rest; the weights
-        # are loaded once, below, refusing a partly random model (another query count,
+        # DefaultPredictor's __init__ without its checkpoint load, which would load whatever
+        # matches and warn about the rest (and log "initializing from scratch" first): the
+        # weights are loaded once, refusing a partly random model (another query count,
         # another class count), as --eval-only refuses to score one.
-        unloaded = cfg.clone()
-        unloaded.defrost()
-        unloaded.MODEL.WEIGHTS = ""
-        super().__init__(unloaded)
         self.cfg = cfg.clone()
-        load_for_evaluation(self.cfg, self.model)
-        if not hasattr(self, "metadata"):  # set by DefaultPredictor only from DATASETS.TEST
-            self.metadata = MetadataCatalog.get("__unused")
+        self.model = build_model(self.cfg).eval()
+        load_for_evaluation(self.cfg, self.model, command="demo/demo.py")
+        test_sets = cfg.DATASETS.TEST
+        self.metadata = MetadataCatalog.get(test_sets[0] if test_sets else "__unused")
+        self.aug = T.ResizeShortestEdge(
+            [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
+        )
+        self.input_format = cfg.INPUT.FORMAT
+        if self.input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
 
     def input_size(self, height: int, width: int) -> Tuple[int, int]:
         """(h, w) of the model input made from an image of (height, width)."""

@@ -556,3 +556,24 @@ def test_a_checkpoint_of_another_architecture_is_refused(images, weights, tmp_pa
     with pytest.raises(ValueError, match=f"MODEL.WEIGHTS: {re.escape(weights[0])} leaves "
                                          r"\d+ entries .*query_feat"):
         demo.main(argv)
+
+
+def test_weights_load_once_and_errors_speak_of_the_demo(images, weights, tmp_path):
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    checkpoint_log = logging.getLogger("fvcore.common.checkpoint")  # may not propagate
+    checkpoint_log.addHandler(handler)
+    level = checkpoint_log.level
+    checkpoint_log.setLevel(logging.INFO)
+    try:
+        _run("--input", images[0], "--output", str(tmp_path / "one.png"),
+             weights_path=weights[0])
+    finally:
+        checkpoint_log.removeHandler(handler)
+        checkpoint_log.setLevel(level)
+    messages = [r.getMessage() for r in records]
+    assert any("Loading from" in m or "loading" in m.lower() for m in messages), messages
+    assert not any("from scratch" in m or "No checkpoint found" in m for m in messages)
+    with pytest.raises(ValueError, match=r"^demo/demo.py with MODEL.WEIGHTS '' would evaluate"):
+        _run("--input", images[0], "--output", str(tmp_path / "two.png"), weights_path="")

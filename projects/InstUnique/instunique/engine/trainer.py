@@ -196,9 +196,10 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
 
-def load_for_evaluation(cfg, model, resume: bool = False) -> None:
+def load_for_evaluation(cfg, model, resume: bool = False, command: str = "--eval-only") -> None:
     """Load MODEL.WEIGHTS (or, with ``resume``, the last checkpoint of OUTPUT_DIR) into
-    ``model`` for ``--eval-only``, refusing what would evaluate a partly random model.
+    ``model`` for ``--eval-only`` (or ``command``, named in the errors: the demo), refusing
+    what would evaluate a partly random model.
 
     Raises:
         ValueError: MODEL.WEIGHTS is empty (unless TEST.ALLOW_RANDOM_WEIGHTS), or the file
@@ -217,7 +218,7 @@ def load_for_evaluation(cfg, model, resume: bool = False) -> None:
         return
     else:
         raise ValueError(
-            "--eval-only with MODEL.WEIGHTS '' would evaluate a randomly initialised model; "
+            f"{command} with MODEL.WEIGHTS '' would evaluate a randomly initialised model; "
             "set MODEL.WEIGHTS to a checkpoint (or TEST.ALLOW_RANDOM_WEIGHTS True)"
         )
     checkpointer.load(path, source=source)
