@@ -26,6 +26,7 @@ from instunique.visualization import (
     caption_height,
     compose_row,
     curve_keys,
+    curves_figure,
     draw_outputs,
     equivariance_row,
     load_metrics,
@@ -422,6 +423,17 @@ def _write_metrics(path, scale):
     lines.append({"iteration": 59, "segm/AP": 12.5 * scale, "segm/AP50": 30.0})
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in lines) + '\n{"iteration": 79, "total_l')
+
+
+def test_each_run_keeps_its_colour_in_every_panel():
+    runs = {"baseline": [{"iteration": i, "total_loss": 2.0 - i / 10} for i in range(3)],
+            "InstUnique": [{"iteration": i, "total_loss": 1.5, "loss_cross_image": 0.1}
+                           for i in range(3)]}
+    fig = curves_figure(runs, keys=["total_loss", "loss_cross_image"])
+    shared, alone = fig.axes
+    colours = {line.get_label(): line.get_color() for line in shared.lines}
+    assert len(set(colours.values())) == 2
+    assert [line.get_color() for line in alone.lines] == [colours["InstUnique"]]
 
 
 def test_curves_from_metrics_json(tmp_path):

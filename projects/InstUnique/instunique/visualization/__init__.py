@@ -13,7 +13,7 @@ from .comparison import (
     stack_rows,
     warp_outputs,
 )
-from .curves import curve_keys, load_metrics, plot_curves
+from .curves import curve_keys, curves_figure, load_metrics, plot_curves
 from .query_response import QueryResponse, heat_overlay, query_response, render_query_response
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "equivariance_row",
     "heat_overlay",
     "load_metrics",
+    "curves_figure",
     "plot_curves",
     "query_response",
     "render_query_response",

@@ -77,6 +77,57 @@ def curve_keys(runs: Sequence[Sequence[Dict]], include_aux: bool = False) -> Lis
     return head + losses + [k for k in EVAL_KEYS + UNIQUENESS_KEYS if k in present]
 
 
+def curves_figure(
+    runs: Mapping[str, Sequence[Dict]],
+    keys: Optional[Sequence[str]] = None,
+    columns: int = 4,
+    panel_size: float = 3.2,
+    dpi: int = 100,
+    log_scale: bool = False,
+) -> Figure:
+    """The grid of panels of :func:`plot_curves` as a matplotlib Figure: one panel per
+    metric key, one line per run, each run in one colour in every panel."""
+    if not runs:
+        raise ValueError("plot_curves needs at least one run")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    keys = list(keys) if keys is not None else curve_keys(list(runs.values()))
+    if not keys:
+        raise ValueError(
+            "no metric to plot: the runs hold no total_loss, loss_*, AP or uniqueness values"
+        )
+    rows = -(-len(keys) // columns)
+    cols = min(len(keys), columns)
+    fig = Figure(figsize=(cols * panel_size, rows * panel_size), dpi=dpi)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        values = []
+        for run, (label, records) in enumerate(runs.items()):
+            pts = [(r["iteration"], r[key]) for r in records if _is_number(r.get(key))]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            values.extend(ys)
+            # One colour per run in every panel, also where another run has no such key.
+            # An AP is evaluated at a few iterations only: mark the points.
+            ax.plot(xs, ys, label=label, marker="o" if len(pts) < 20 else None, linewidth=1.2,
+                    color=f"C{run % 10}")
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("iteration", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if not values:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            continue
+        if log_scale and "loss" in key and min(values) > 0:
+            ax.set_yscale("log")
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_curves(
     runs: Mapping[str, Sequence[Dict]],
     output: str,
@@ -98,42 +149,7 @@ def plot_curves(
     Returns:
         ``output``.
     """
-    if not runs:
-        raise ValueError("plot_curves needs at least one run")
-    if columns < 1:
-        raise ValueError(f"columns must be >= 1, got {columns}")
-    keys = list(keys) if keys is not None else curve_keys(list(runs.values()))
-    if not keys:
-        raise ValueError(
-            "no metric to plot: the runs hold no total_loss, loss_*, AP or uniqueness values"
-        )
-    rows = -(-len(keys) // columns)
-    cols = min(len(keys), columns)
-    fig = Figure(figsize=(cols * panel_size, rows * panel_size), dpi=dpi)
-    FigureCanvasAgg(fig)
-    for i, key in enumerate(keys):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        values = []
-        for label, records in runs.items():
-            pts = [(r["iteration"], r[key]) for r in records if _is_number(r.get(key))]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            values.extend(ys)
-            # An AP is evaluated at a few iterations only: mark the points.
-            ax.plot(xs, ys, label=label, marker="o" if len(pts) < 20 else None, linewidth=1.2)
-        ax.set_title(key, fontsize=10)
-        ax.set_xlabel("iteration", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        if not values:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            continue
-        if log_scale and "loss" in key and min(values) > 0:
-            ax.set_yscale("log")
-        if len(runs) > 1:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = curves_figure(runs, keys, columns, panel_size, dpi, log_scale)
     directory = os.path.dirname(os.path.abspath(output))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(output, format="png", dpi=dpi)
