@@ -61,8 +61,10 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # DefaultTrainer.__init__ without its two single-GPU assumptions: DDP gets device_ids
-        # only on CUDA, and BatchNorm statistics are synchronised so replicas stay equal.
+        # DefaultTrainer.__init__ (detectron2 0.6 to upstream main, as sal-detectron2 0.7.2
+        # ships it) without its two single-GPU assumptions: DDP gets device_ids only on
+        # CUDA, and BatchNorm statistics are synchronised so replicas stay equal. It sets
+        # the same attributes, so DefaultTrainer's other methods work on it unchanged.
         super(DefaultTrainer, self).__init__()
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
@@ -145,9 +147,10 @@ class Trainer(DefaultTrainer):
         if self._sampler is not None:
             self._sampler.start_at(self.start_iter, seed=self.seed)
             # The sampler is read when the loader's iterator is made (by the first step);
-            # one made before this point would go on where it was.
-            if getattr(self._trainer, "_data_loader_iter_obj", None) is not None:
-                self._trainer._data_loader_iter_obj = None
+            # one made before this point would go on where it was: drop it (public API of
+            # SimpleTrainer, which makes the next iterator from the same loader).
+            loader = self._trainer.data_loader
+            self._trainer.reset_data_loader(lambda: loader)
         elif self.start_iter:
             logging.getLogger(__name__).warning(
                 f"Resuming at iteration {self.start_iter}: the data stream starts again"
