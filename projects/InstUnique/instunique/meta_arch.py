@@ -7,7 +7,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from torch import nn
 
-from .adapter import build_adapter
+from .adapter import SegmenterAdapter, build_adapter
 from .data.metadata import training_stuff_classes
 from .objectives import CrossImageLoss, CrossSceneLoss, EquivarianceLoss, PixelMemory
 from .transforms.build import build_transform_family
@@ -48,10 +48,11 @@ class InstUnique(nn.Module):
         memory: Optional[PixelMemory],
         base_loss_on_paired_view: bool = True,
         cross_scene: Optional[CrossSceneLoss] = None,
+        adapter: Optional[SegmenterAdapter] = None,
     ):
         super().__init__()
         self.segmenter = segmenter
-        self.adapter = build_adapter(segmenter)
+        self.adapter = adapter if adapter is not None else build_adapter(segmenter)
         self.cross_image = cross_image
         self.cross_scene = cross_scene
         self.equivariance = equivariance
@@ -118,7 +119,7 @@ class InstUnique(nn.Module):
                                   class_term=iu.EQUIVARIANCE.CLASS_TERM)
         return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory,
                 "base_loss_on_paired_view": iu.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW,
-                "cross_scene": scene}
+                "cross_scene": scene, "adapter": adapter}
 
     @property
     def device(self):

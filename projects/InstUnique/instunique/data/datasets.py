@@ -32,7 +32,8 @@ from .shapes_diverse import SHAPES_DIVERSE
 from .shapes_panoptic import SHAPES_PANOPTIC
 from .synthetic import materialize_synthetic, register_synthetic
 
-__all__ = ["DatasetNotRegisteredError", "check_dataset", "prepare_dataset", "register_all"]
+__all__ = ["DatasetNotRegisteredError", "check_dataset", "prepare_dataset", "register_all",
+           "register_on_first_use"]
 
 # Metadata fields that detectron2's builtin datasets use for files and folders.
 _PATH_FIELDS = (
@@ -119,6 +120,14 @@ def _missing_files_message(name: str, meta: Metadata, missing: List[str]) -> str
     return "\n".join(lines)
 
 
+def register_on_first_use(name: str) -> None:
+    """Register the project's COCO panoptic-with-semantic names (Mask2Former's) when one is
+    first asked for and no one else has registered it. Not at import: the official
+    mask2former package registers the same names at its import and fails on names taken."""
+    if name in COCO_SEMSEG_SPLITS and name not in DatasetCatalog.list():
+        register_coco_panoptic_with_sem_seg(_builtin_root())
+
+
 def check_dataset(name: str) -> Metadata:
     """
     Make sure ``name`` is registered and its files are where its metadata says.
@@ -132,10 +141,7 @@ def check_dataset(name: str) -> Metadata:
     """
     if not isinstance(name, str):
         raise ValueError(f"dataset name must be a str, got {type(name).__name__}: {name!r}")
-    if name in COCO_SEMSEG_SPLITS and name not in DatasetCatalog.list():
-        # Registered on first use, not at import: the official mask2former package
-        # registers these names at its import and fails on names taken, in either order.
-        register_coco_panoptic_with_sem_seg(_builtin_root())
+    register_on_first_use(name)
     if name not in DatasetCatalog.list():
         raise DatasetNotRegisteredError(_unknown_dataset_message(name))
     materialize_synthetic(name)

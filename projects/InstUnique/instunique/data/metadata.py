@@ -19,6 +19,7 @@ from detectron2.data import MetadataCatalog
 
 __all__ = [
     "class_metadata",
+    "dataset_metadata",
     "stuff_contiguous_ids",
     "thing_contiguous_ids",
     "training_stuff_classes",
@@ -43,6 +44,15 @@ def class_metadata(categories: List[Dict]) -> Dict:
     }
 
 
+def dataset_metadata(name: str):
+    """MetadataCatalog.get(name), the names registered on first use included
+    (:func:`.datasets.register_on_first_use`)."""
+    from .datasets import register_on_first_use
+
+    register_on_first_use(name)
+    return MetadataCatalog.get(name)
+
+
 def thing_contiguous_ids(metadata) -> Tuple[int, ...]:
     """Sorted contiguous ids of the thing classes (empty if the metadata has none)."""
     mapping = getattr(metadata, "thing_dataset_id_to_contiguous_id", None) or {}
@@ -60,5 +70,5 @@ def training_stuff_classes(dataset_names: Iterable[str]) -> Tuple[int, ...]:
     """The stuff classes of a run's training datasets (union; empty for instance data)."""
     ids = set()
     for name in dataset_names:
-        ids.update(stuff_contiguous_ids(MetadataCatalog.get(name)))
+        ids.update(stuff_contiguous_ids(dataset_metadata(name)))
     return tuple(sorted(ids))

@@ -3,13 +3,14 @@ import logging
 import os
 from typing import List, Set
 
-from detectron2.data import MetadataCatalog
 from detectron2.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
     DatasetEvaluator,
     SemSegEvaluator,
 )
+
+from ..data.metadata import dataset_metadata
 
 __all__ = ["build_dataset_evaluators", "model_outputs"]
 
@@ -60,7 +61,7 @@ def build_dataset_evaluators(cfg, dataset_name: str, output_folder: str) -> List
         ValueError: another evaluator type, or a model that does not produce the output
             the dataset is scored on; the message names the dataset.
     """
-    meta = MetadataCatalog.get(dataset_name)
+    meta = dataset_metadata(dataset_name)
     evaluator_type = getattr(meta, "evaluator_type", None)
     outputs = model_outputs(cfg)
     test = "MODEL.MASK_FORMER.TEST."

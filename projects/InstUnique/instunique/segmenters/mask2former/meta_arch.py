@@ -4,13 +4,12 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList
 from torch import nn
 
-from ...data.metadata import thing_contiguous_ids
+from ...data.metadata import dataset_metadata, thing_contiguous_ids
 from ..query_segmenter import QuerySegmenter
 from .criterion import SetCriterion
 from .head import build_mask2former_head
@@ -194,7 +193,7 @@ def _test_thing_classes(cfg) -> List[int]:
     """The thing classes (contiguous ids) of DATASETS.TEST[0], as the official model reads
     them; a ValueError when its metadata does not tell them."""
     names = cfg.DATASETS.TEST
-    meta = MetadataCatalog.get(names[0]) if names else None
+    meta = dataset_metadata(names[0]) if names else None
     if getattr(meta, "thing_dataset_id_to_contiguous_id", None) is None:
         raise ValueError(
             "MODEL.MASK_FORMER.TEST.PANOPTIC_ON needs to know which classes are things: "
