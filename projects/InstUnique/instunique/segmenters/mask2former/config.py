@@ -74,6 +74,11 @@ def add_mask2former_config(cfg):
     cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
+    # How multi-scale deformable attention samples (ours; the official model needs a compiled
+    # CUDA op): "pytorch" (grid_sample per level, any device), "triton" (our Triton kernels,
+    # CUDA; on the CPU only under TRITON_INTERPRET=1), "auto" (Triton on CUDA when it
+    # imports, PyTorch otherwise). Same parameters and outputs within float tolerance.
+    cfg.MODEL.SEM_SEG_HEAD.DEFORM_ATTN_IMPL = "auto"
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_HEADS = 8
 
     # Add a learned projection of sine position features to the mask features F (ours; not

@@ -1,18 +1,54 @@
-"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch.
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch, or Triton on CUDA.
 
 The official Mask2Former imports a compiled CUDA op here and fails without it. This module
 needs none: sampling is one ``F.grid_sample`` per feature level, batched over images and heads,
 so it runs on any device and under autograd (gradients for values, locations and weights).
+On CUDA, our Triton kernels (``ms_deform_attn_triton``) do the same sampling without the
+per-level intermediates (``MSDeformAttn.impl``).
 """
-
 import math
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ms_deform_attn_sample", "MSDeformAttn"]
+__all__ = ["IMPLS", "check_impl", "ms_deform_attn_sample", "MSDeformAttn"]
+
+IMPLS = ("auto", "pytorch", "triton")
+_KEY = "MODEL.SEM_SEG_HEAD.DEFORM_ATTN_IMPL"
+
+
+def _triton_error():
+    """None when Triton imports, else why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def check_impl(impl: str, device: str = "cuda") -> str:
+    """``impl`` if it can run on ``device`` (a MODEL.DEVICE string), else a ValueError that
+    names the key."""
+    if impl not in IMPLS:
+        raise ValueError(f"{_KEY} must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton":
+        error = _triton_error()
+        if error is not None:
+            raise ValueError(f"{_KEY} 'triton': Triton does not import ({error})")
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if not str(device).startswith("cuda") and not interpreted:
+            raise ValueError(f"{_KEY} 'triton' runs on CUDA (MODEL.DEVICE is {device!r}); on "
+                             "the CPU only under TRITON_INTERPRET=1 (slow: for tests)")
+    return impl
+
+
+def _use_triton(impl: str, value: torch.Tensor) -> bool:
+    if impl == "auto":
+        return value.is_cuda and _triton_error() is None
+    return impl == "triton"
 
 
 ShapesLike = Union[torch.Tensor, Sequence[Sequence[int]]]
@@ -27,6 +63,31 @@ def _level_shapes(spatial_shapes: ShapesLike) -> List[Tuple[int, int]]:
             )
         spatial_shapes = spatial_shapes.tolist()
     return [(int(h), int(w)) for h, w in spatial_shapes]
+
+
+def _check_sample_inputs(value, shapes, sampling_locations, attention_weights) -> None:
+    """ValueError unless the arguments of ``ms_deform_attn_sample`` fit one another."""
+    if value.dim() != 4:
+        raise ValueError(f"value must be (B, S, nH, dH), got {tuple(value.shape)}")
+    b, s, n_heads, d_head = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"sampling_locations must be (B, Q, nH, L, P, 2), got {tuple(sampling_locations.shape)}"
+        )
+    _, q, _, n_levels, n_points, _ = sampling_locations.shape
+    expected = (b, q, n_heads, len(shapes), n_points)
+    if tuple(sampling_locations.shape[:-1]) != expected:
+        raise ValueError(
+            f"sampling_locations {tuple(sampling_locations.shape)} does not match value "
+            f"{tuple(value.shape)} and {len(shapes)} levels: expected {expected + (2,)}"
+        )
+    if tuple(attention_weights.shape) != expected:
+        raise ValueError(
+            f"attention_weights must be {expected} (B, Q, nH, L, P), "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    if sum(h * w for h, w in shapes) != s:
+        raise ValueError(f"value has S={s} positions but spatial_shapes {shapes} sum to another")
 
 
 def ms_deform_attn_sample(
@@ -50,27 +111,9 @@ def ms_deform_attn_sample(
         ``grid_sample(align_corners=False, padding_mode="zeros")`` on ``2 * location - 1``.
     """
     shapes = _level_shapes(spatial_shapes)
-    if value.dim() != 4:
-        raise ValueError(f"value must be (B, S, nH, dH), got {tuple(value.shape)}")
+    _check_sample_inputs(value, shapes, sampling_locations, attention_weights)
     b, s, n_heads, d_head = value.shape
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(
-            f"sampling_locations must be (B, Q, nH, L, P, 2), got {tuple(sampling_locations.shape)}"
-        )
     _, q, _, n_levels, n_points, _ = sampling_locations.shape
-    expected = (b, q, n_heads, len(shapes), n_points)
-    if tuple(sampling_locations.shape[:-1]) != expected:
-        raise ValueError(
-            f"sampling_locations {tuple(sampling_locations.shape)} does not match value "
-            f"{tuple(value.shape)} and {len(shapes)} levels: expected {expected + (2,)}"
-        )
-    if tuple(attention_weights.shape) != expected:
-        raise ValueError(
-            f"attention_weights must be {expected} (B, Q, nH, L, P), "
-            f"got {tuple(attention_weights.shape)}"
-        )
-    if sum(h * w for h, w in shapes) != s:
-        raise ValueError(f"value has S={s} positions but spatial_shapes {shapes} sum to another")
 
     # One layout change for all levels; per-level pieces below are views of these. Points go
     # before queries so the weighted sum runs over an outer axis (measured ~10% faster on the
@@ -128,6 +171,8 @@ class MSDeformAttn(nn.Module):
         self.n_levels = n_levels
         self.n_heads = n_heads
         self.n_points = n_points
+        # How the points are sampled: one of IMPLS (not state: checkpoints are the same).
+        self.impl = "auto"
 
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
@@ -219,5 +264,12 @@ class MSDeformAttn(nn.Module):
             reference_points[:, :, None, :, None, :] + offsets / size_xy[None, None, None, :, None]
         )
         shapes = input_spatial_shapes if spatial_shapes_list is None else spatial_shapes_list
-        output = ms_deform_attn_sample(value, shapes, locations, weights)
+        if _use_triton(self.impl, value):
+            from .ms_deform_attn_triton import ms_deform_attn_sample_triton
+
+            _check_sample_inputs(value, _level_shapes(shapes), locations, weights)
+            output = ms_deform_attn_sample_triton(value, _level_shapes(shapes), locations,
+                                                  weights)
+        else:
+            output = ms_deform_attn_sample(value, shapes, locations, weights)
         return self.output_proj(output)

@@ -17,7 +17,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, check_impl
 from .position_encoding import PositionEmbeddingSine
 
 __all__ = [
@@ -285,6 +285,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         transformer_in_features: List[str],
         common_stride: int,
         transformer_n_points: int = 4,
+        deform_attn_impl: str = "auto",
     ):
         """
         Args:
@@ -299,6 +300,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
             transformer_in_features: features the encoder attends over (e.g. res3..res5).
             common_stride: stride of the output mask features.
             transformer_n_points: sampled points per head and level.
+            deform_attn_impl: how the encoder's deformable attention samples ("auto",
+                "pytorch", "triton"; MODEL.SEM_SEG_HEAD.DEFORM_ATTN_IMPL).
         """
         super().__init__()
         for name in transformer_in_features:
@@ -344,6 +347,9 @@ class MSDeformAttnPixelDecoder(nn.Module):
             num_feature_levels=self.transformer_num_feature_levels,
             enc_n_points=transformer_n_points,
         )
+        for module in self.transformer.modules():
+            if isinstance(module, MSDeformAttn):
+                module.impl = check_impl(deform_attn_impl)
         self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
 
         self.mask_dim = mask_dim
@@ -424,6 +430,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
             "transformer_in_features": list(head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             "transformer_n_points": head.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS,
             "common_stride": head.COMMON_STRIDE,
+            "deform_attn_impl": check_impl(head.DEFORM_ATTN_IMPL, cfg.MODEL.DEVICE),
         }
 
     def forward_features(
