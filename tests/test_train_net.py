@@ -1,6 +1,7 @@
 """train_net.py end to end on a tiny shapes set: train, log, checkpoint, resume, evaluate,
 and the errors a user sees for bad input."""
 import json
+import math
 import os
 import sys
 
@@ -187,3 +188,22 @@ def test_panoptic_shapes_trains_and_eval_only_reports_pq(tmp_path):
                                    tmp_path / "model_final.pth", eval_only=True, config=config))
     assert {"PQ", "PQ_th", "PQ_st"} <= set(results["panoptic_seg"])
     assert "mIoU" in results["sem_seg"]
+
+
+@pytest.mark.parametrize("config", ["shapes/instunique_mask2former_shapes.yaml",
+                                    "shapes/instunique_sparseinst_shapes.yaml"])
+def test_amp_on_the_cpu_trains_in_bfloat16_with_finite_losses(tiny_shapes, tmp_path, config):
+    clip = ["MODEL.INST_UNIQUE.TERMS_CLIP_VALUE", 0.0] if "sparseinst" in config else []
+    cfg = train_net.setup(_args(tmp_path, "SOLVER.MAX_ITER", 3, "SOLVER.AMP.ENABLED", True,
+                                "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", "()", *clip,
+                                config=os.path.join(CONFIGS, config)))
+    trainer = train_net.Trainer(cfg)
+    seen = []
+    model = trainer.model
+    model.register_forward_hook(lambda m, i, o: seen.append(torch.get_autocast_dtype("cpu")
+                                                            if torch.is_autocast_enabled("cpu")
+                                                            else None))
+    trainer.train()
+    assert seen == [torch.bfloat16] * 3
+    rows = [r for r in _metrics(tmp_path) if "total_loss" in r]
+    assert rows and all(math.isfinite(r["total_loss"]) for r in rows)

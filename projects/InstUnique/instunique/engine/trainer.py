@@ -88,8 +88,7 @@ class Trainer(DefaultTrainer):
             self._trainer = TermClippingTrainer(model, data_loader, optimizer,
                                                 build_term_clipper(cfg, params))
         else:
-            loop = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
-            self._trainer = loop(model, data_loader, optimizer)
+            self._trainer = _training_loop(cfg)(model, data_loader, optimizer)
         # A diverging run stops naming the first non-finite loss term or gradient.
         install_nonfinite_checks(model, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
@@ -197,6 +196,22 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """SimpleTrainer with its step under bfloat16 autocast on the CPU: SOLVER.AMP.ENABLED
+    there (detectron2's AMPTrainer needs CUDA). bfloat16 keeps float32's exponent range, so
+    no gradient scaler is needed; parameters and optimizer state stay float32."""
+
+    def run_step(self):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().run_step()
+
+
+def _training_loop(cfg):
+    if not cfg.SOLVER.AMP.ENABLED:
+        return SimpleTrainer
+    return AMPTrainer if torch.device(cfg.MODEL.DEVICE).type == "cuda" else CPUAutocastTrainer
 
 
 def load_for_evaluation(cfg, model, resume: bool = False, command: str = "--eval-only") -> None:
