@@ -10,13 +10,12 @@ that drifts of the machine hit every one alike. Peak memory: as train_step_cost.
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 
 import torch
 
-from common import build_step, machine, peak_memory_mb, timed
+from common import build_step, interleaved_times, machine, peaks_in_children
 
 S = "configs/shapes/"
 # name -> (R18 config, EfficientNet-Lite0 config, terms on)
@@ -44,24 +43,11 @@ def main():
              for name, (r18, effl0, terms) in PAIRS.items()
              for backbone, config in (("R18", r18), ("EfficientNet-Lite0", effl0))}
     steps = {k: build_step(c, args.device, args.pairs, t, None, t) for k, (c, t) in specs.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = {k: [] for k in specs}
-    for _ in range(args.reps):
-        for k, step in steps.items():
-            times[k].append(timed(step, args.device))
+    times = interleaved_times(steps, args.reps, args.warmup, args.device)
     del steps
-
-    ctx = mp.get_context("spawn")
-    peaks = {}
-    for k, (config, terms) in specs.items():
-        queue = ctx.Queue()
-        proc = ctx.Process(target=peak_memory_mb, args=(
-            queue, config, args.device, args.pairs, terms, None, terms, (), args.memory_steps))
-        proc.start()
-        peaks[k] = queue.get()
-        proc.join()
+    peaks = peaks_in_children({
+        k: (config, args.device, args.pairs, terms, None, terms, (), args.memory_steps)
+        for k, (config, terms) in specs.items()})
 
     rows = []
     for name in PAIRS:

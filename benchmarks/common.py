@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: configs, a fixed batch, timing."""
 import itertools
+import multiprocessing as mp
 import os
 import resource
 import sys
@@ -132,6 +133,34 @@ def build_step(config, device, pairs, cross, memory, equi, opts=()):
         optimizer.step()
 
     return step
+
+
+def interleaved_times(steps, reps: int, warmup: int, device: str):
+    """{key: step} -> {key: [seconds of each of ``reps`` calls]}, after ``warmup`` untimed
+    calls of each; the repetitions go round all keys, so drifts of the machine hit every
+    step alike and repetition i of two keys is a paired measurement."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {k: [] for k in steps}
+    for _ in range(reps):
+        for k, step in steps.items():
+            times[k].append(timed(step, device))
+    return times
+
+
+def peaks_in_children(jobs):
+    """{key: arguments of peak_memory_mb after its queue} -> {key: peak MiB}, each measured
+    in a fresh child process of its own."""
+    ctx = mp.get_context("spawn")
+    peaks = {}
+    for key, job in jobs.items():
+        queue = ctx.Queue()
+        proc = ctx.Process(target=peak_memory_mb, args=(queue, *job))
+        proc.start()
+        peaks[key] = queue.get()
+        proc.join()
+    return peaks
 
 
 def reset_peak_rss() -> bool:

@@ -9,37 +9,24 @@ repetitions are interleaved; peak memory is measured per point in a fresh child 
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 
 import torch
 
-from common import build_step, machine, peak_memory_mb, timed
+from common import build_step, interleaved_times, machine, peaks_in_children
 
 
 def measure(args, points):
     """points: {label: (pairs, cross, memory, equi)} -> {label: (median s, peak MiB)}."""
     steps = {k: build_step(args.config, args.device, p, c, m, e, args.opts)
              for k, (p, c, m, e) in points.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = {k: [] for k in points}
-    for _ in range(args.reps):
-        for k, step in steps.items():
-            times[k].append(timed(step, args.device))
+    times = interleaved_times(steps, args.reps, args.warmup, args.device)
     del steps
-    ctx = mp.get_context("spawn")
-    out = {}
-    for k, spec in points.items():
-        queue = ctx.Queue()
-        proc = ctx.Process(target=peak_memory_mb, args=(
-            queue, args.config, args.device, *spec, args.opts, args.memory_steps))
-        proc.start()
-        out[k] = (statistics.median(times[k]), queue.get())
-        proc.join()
-    return out
+    peaks = peaks_in_children({
+        k: (args.config, args.device, *spec, args.opts, args.memory_steps)
+        for k, spec in points.items()})
+    return {k: (statistics.median(times[k]), peaks[k]) for k in points}
 
 
 def plot(rows, path):

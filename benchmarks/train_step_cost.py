@@ -12,13 +12,12 @@ child process that runs the variant alone.
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 
 import torch
 
-from common import build_step, machine, peak_memory_mb, timed
+from common import build_step, interleaved_times, machine, peaks_in_children
 
 BASELINE = "baseline (paired views)"
 # name -> (cross-image on, memory pixels, equivariance on, config overrides of the variant)
@@ -69,25 +68,12 @@ def main():
     steps = {v: build_step(args.config, args.device, args.pairs, *spec[:3],
                            [*spec[3], *args.opts])
              for v, spec in variants.items()}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    times = {v: [] for v in variants}
-    for _ in range(args.reps):
-        for v, step in steps.items():
-            times[v].append(timed(step, args.device))
+    times = interleaved_times(steps, args.reps, args.warmup, args.device)
     del steps
-
-    ctx = mp.get_context("spawn")
-    peaks = {}
-    for v, spec in variants.items():
-        queue = ctx.Queue()
-        proc = ctx.Process(target=peak_memory_mb, args=(
-            queue, args.config, args.device, args.pairs, *spec[:3], [*spec[3], *args.opts],
-            args.memory_steps))
-        proc.start()
-        peaks[v] = queue.get()
-        proc.join()
+    peaks = peaks_in_children({
+        v: (args.config, args.device, args.pairs, *spec[:3], [*spec[3], *args.opts],
+            args.memory_steps)
+        for v, spec in variants.items()})
 
     base_t = statistics.median(times[BASELINE])
     base_m = peaks[BASELINE]

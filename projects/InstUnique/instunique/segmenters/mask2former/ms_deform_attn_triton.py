@@ -31,6 +31,27 @@ def _corner(value_ptr, row, col, h, w, start, stride_s, d, d_mask, ACC: tl.const
 
 
 @triton.jit
+def _point(base, loc_ptr, attn_ptr, k, h, w, start, stride_s, d, d_mask, ACC: tl.constexpr):
+    """Point k: its weight, its bilinear fractions (fx, fy) and its four corners (values,
+    flattened offsets, inside flags), corners ordered (y0, x0), (y0, x0 + 1), (y0 + 1, x0),
+    (y0 + 1, x0 + 1). x = loc_x * W - 0.5 puts pixel centres at integers (grid_sample's
+    align_corners=False)."""
+    x = tl.load(loc_ptr + 2 * k).to(ACC) * w - 0.5
+    y = tl.load(loc_ptr + 2 * k + 1).to(ACC) * h - 0.5
+    a = tl.load(attn_ptr + k).to(ACC)
+    x0f = tl.floor(x)
+    y0f = tl.floor(y)
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    v00, p00, in00 = _corner(base, y0, x0, h, w, start, stride_s, d, d_mask, ACC)
+    v01, p01, in01 = _corner(base, y0, x0 + 1, h, w, start, stride_s, d, d_mask, ACC)
+    v10, p10, in10 = _corner(base, y0 + 1, x0, h, w, start, stride_s, d, d_mask, ACC)
+    v11, p11, in11 = _corner(base, y0 + 1, x0 + 1, h, w, start, stride_s, d, d_mask, ACC)
+    return (a, x - x0f, y - y0f, v00, v01, v10, v11, p00, p01, p10, p11,
+            in00, in01, in10, in11)
+
+
+@triton.jit
 def _forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_ptr,
                     Q, S, NH, DH, L: tl.constexpr, P: tl.constexpr, BLOCK_D: tl.constexpr,
                     ACC: tl.constexpr):
@@ -48,19 +69,8 @@ def _forward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, out_pt
         start = tl.load(starts_ptr + lvl)
         for pt in tl.static_range(P):
             k = (pid * L + lvl) * P + pt
-            x = tl.load(loc_ptr + 2 * k).to(ACC) * w - 0.5
-            y = tl.load(loc_ptr + 2 * k + 1).to(ACC) * h - 0.5
-            a = tl.load(attn_ptr + k).to(ACC)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            v00, _, _ = _corner(base, y0, x0, h, w, start, stride_s, d, d_mask, ACC)
-            v01, _, _ = _corner(base, y0, x0 + 1, h, w, start, stride_s, d, d_mask, ACC)
-            v10, _, _ = _corner(base, y0 + 1, x0, h, w, start, stride_s, d, d_mask, ACC)
-            v11, _, _ = _corner(base, y0 + 1, x0 + 1, h, w, start, stride_s, d, d_mask, ACC)
+            a, fx, fy, v00, v01, v10, v11, _p00, _p01, _p10, _p11, _i00, _i01, _i10, _i11 = _point(
+                base, loc_ptr, attn_ptr, k, h, w, start, stride_s, d, d_mask, ACC)
             sampled = ((1 - fy) * ((1 - fx) * v00 + fx * v01)
                        + fy * ((1 - fx) * v10 + fx * v11))
             acc += a * sampled
@@ -88,19 +98,8 @@ def _backward_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, attn_ptr, grad_
         start = tl.load(starts_ptr + lvl)
         for pt in tl.static_range(P):
             k = (pid * L + lvl) * P + pt
-            x = tl.load(loc_ptr + 2 * k).to(ACC) * w - 0.5
-            y = tl.load(loc_ptr + 2 * k + 1).to(ACC) * h - 0.5
-            a = tl.load(attn_ptr + k).to(ACC)
-            x0f = tl.floor(x)
-            y0f = tl.floor(y)
-            fx = x - x0f
-            fy = y - y0f
-            x0 = x0f.to(tl.int32)
-            y0 = y0f.to(tl.int32)
-            v00, p00, in00 = _corner(base, y0, x0, h, w, start, stride_s, d, d_mask, ACC)
-            v01, p01, in01 = _corner(base, y0, x0 + 1, h, w, start, stride_s, d, d_mask, ACC)
-            v10, p10, in10 = _corner(base, y0 + 1, x0, h, w, start, stride_s, d, d_mask, ACC)
-            v11, p11, in11 = _corner(base, y0 + 1, x0 + 1, h, w, start, stride_s, d, d_mask, ACC)
+            a, fx, fy, v00, v01, v10, v11, p00, p01, p10, p11, in00, in01, in10, in11 = _point(
+                base, loc_ptr, attn_ptr, k, h, w, start, stride_s, d, d_mask, ACC)
             sampled = ((1 - fy) * ((1 - fx) * v00 + fx * v01)
                        + fy * ((1 - fx) * v10 + fx * v11))
             tl.store(grad_attn_ptr + k, tl.sum(g * sampled, axis=0))
