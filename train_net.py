@@ -6,6 +6,11 @@
 """
 import os
 
+# Idle OpenMP threads sleep instead of spinning: on a machine whose cores other jobs share,
+# spinning threads steal the cores their own process waits for (docs/GETTING_STARTED.md,
+# "A busy machine"). Read when torch loads its OpenMP runtime, so before any import of it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 from instunique import load_config

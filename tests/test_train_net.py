@@ -3,6 +3,7 @@ and the errors a user sees for bad input."""
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -207,3 +208,17 @@ def test_amp_on_the_cpu_trains_in_bfloat16_with_finite_losses(tiny_shapes, tmp_p
     assert seen == [torch.bfloat16] * 3
     rows = [r for r in _metrics(tmp_path) if "total_loss" in r]
     assert rows and all(math.isfinite(r["total_loss"]) for r in rows)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_unless_the_user_says_otherwise(preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset is not None:
+        env["OMP_WAIT_POLICY"] = preset
+    code = ("import sys, os; sys.argv = ['train_net.py']; import runpy; "
+            f"runpy.run_path({os.path.join(ROOT, 'train_net.py')!r}, run_name='not_main'); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == expected
