@@ -129,9 +129,10 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume: bool = True):
         """detectron2's resume_or_load, and: SOLVER.WARM_START continues another run's
-        checkpoint, stale temporary files of interrupted saves are
-        removed, an unreadable newest checkpoint is passed over for the newest readable one
-        (with a warning), and the data stream continues at the resumed iteration."""
+        checkpoint (unless this run resumes its own), stale temporary files of interrupted
+        saves are removed, an unreadable newest checkpoint is passed over for the newest
+        readable one (with a warning), and the data stream continues at the resumed
+        iteration."""
         self.checkpointer.remove_stale_temporaries()
         warm = self.cfg.SOLVER.WARM_START
         if warm and not (resume and self.checkpointer.has_checkpoint()):
