@@ -6,6 +6,7 @@ so it runs on any device and under autograd (gradients for values, locations and
 On CUDA, our Triton kernels (``ms_deform_attn_triton``) do the same sampling without the
 per-level intermediates (``MSDeformAttn.impl``).
 """
+import functools
 import math
 import os
 from typing import List, Optional, Sequence, Tuple, Union
@@ -20,8 +21,9 @@ IMPLS = ("auto", "pytorch", "triton")
 _KEY = "MODEL.SEM_SEG_HEAD.DEFORM_ATTN_IMPL"
 
 
+@functools.cache
 def _triton_error():
-    """None when Triton imports, else why not."""
+    """None when Triton imports, else why not (asked once: "auto" asks at every forward)."""
     try:
         import triton  # noqa: F401
     except ImportError as e:
@@ -267,9 +269,9 @@ class MSDeformAttn(nn.Module):
         if _use_triton(self.impl, value):
             from .ms_deform_attn_triton import ms_deform_attn_sample_triton
 
-            _check_sample_inputs(value, _level_shapes(shapes), locations, weights)
-            output = ms_deform_attn_sample_triton(value, _level_shapes(shapes), locations,
-                                                  weights)
+            pairs = _level_shapes(shapes)
+            _check_sample_inputs(value, pairs, locations, weights)
+            output = ms_deform_attn_sample_triton(value, pairs, locations, weights)
         else:
             output = ms_deform_attn_sample(value, shapes, locations, weights)
         return self.output_proj(output)
