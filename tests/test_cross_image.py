@@ -312,10 +312,12 @@ def test_module_two_views_of_one_image_are_not_external():
 def dense_variant(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, *, alpha=0.25,
                   gamma=2.0, loss="focal", temperature=1.0, hard_negatives="none",
                   hard_threshold=0.8, topk=1, normalization="mean", num_masks=1.0,
-                  pixel_grad=False, offset=None):
+                  pixel_grad=False, offset=None, response=None):
     """Every variant on the whole (R, N) matrix with autograd: the reference (gradients
-    into ``pixels`` too with ``pixel_grad``; ``offset`` (R,) subtracted from every logit)."""
-    z = queries @ (pixels if pixel_grad else pixels.detach()).t()
+    into ``pixels`` too with ``pixel_grad``; ``offset`` (R,) subtracted from every logit;
+    ``response(queries, pixels)`` in place of the dot product)."""
+    f = pixels if pixel_grad else pixels.detach()
+    z = queries @ f.t() if response is None else response(queries, f)
     if offset is not None:
         z = z - offset[:, None]
     target = (query_cls[:, None] == pixel_cls[None]) & (query_cls[:, None] >= 0)
@@ -377,6 +379,63 @@ def test_variants_chunked_equal_dense(variant, chunk, stuff):
     assert ref.item() > 0
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-15)
     torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-10, atol=1e-14)
+
+
+def gated_response(queries, pixels):
+    """A logit that is not a dot product: queries (R, 2C) hold a scale and a shift per
+    channel, z = sum_c relu(scale_c f_c + shift_c) - 1, (R, N)."""
+    c = pixels.shape[1]
+    hidden = queries[:, None, :c] * pixels[None] + queries[:, None, c:]
+    return hidden.relu().sum(-1) - 1.0
+
+
+@pytest.mark.parametrize("variant", [0, 1, 2, 3, 4])  # VARIANTS without "topk"
+@pytest.mark.parametrize("chunk", [1, 5, 23])
+@pytest.mark.parametrize("stuff", [True, False])
+def test_a_nonlinear_response_streams_like_its_dense_reference(variant, chunk, stuff):
+    """CondInst's logit is a small per-query network on the pixel, not e . f: the kernel
+    takes the response as a function and gets its gradient chunk by chunk."""
+    opts = VARIANTS[variant]
+    queries, pixels, qid, pid, qcls, pcls = make_problem(seed=8, c=4)
+    queries = torch.cat([queries, torch.randn_like(queries)], 1)  # (R, 2C)
+    if not stuff:
+        qcls = torch.full_like(qcls, -1)
+    kernel = {k: v for k, v in opts.items() if k not in ("alpha", "gamma")}
+    q1 = queries.clone().requires_grad_()
+    loss = external_focal_loss(q1, pixels, qid, pid, qcls, pcls, 0.25, 2.0, chunk=chunk,
+                               response=gated_response, **kernel)
+    loss.backward()
+    q2 = queries.clone().requires_grad_()
+    ref = dense_variant(q2, pixels, qid, pid, qcls, pcls, response=gated_response, **opts)
+    ref.backward()
+    assert ref.item() > 0 and q2.grad.abs().sum() > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_the_dot_product_given_as_a_response_equals_the_closed_form():
+    queries, pixels, qid, pid, qcls, pcls = make_problem(seed=9)
+    grads = []
+    for response in (None, lambda q, f: q @ f.t()):
+        q = queries.clone().requires_grad_()
+        loss = external_focal_loss(q, pixels, qid, pid, qcls, pcls, chunk=5, response=response)
+        loss.backward()
+        grads.append((loss.detach(), q.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("key,value", [("PIXEL_GRADIENT", "batch"), ("HARD_NEGATIVES", "topk"),
+                                       ("REFERENCE", "own_instance")])
+def test_options_written_for_the_dot_product_refuse_another_response(key, value):
+    options = {"PIXEL_GRADIENT": dict(pixel_gradient="batch"),
+               "HARD_NEGATIVES": dict(hard_negatives="topk"),
+               "REFERENCE": dict(reference="own_instance", queries="matched")}[key]
+    with pytest.raises(ValueError, match=f"CROSS_IMAGE.{key} '{value}' needs .* dot product"):
+        make_loss(response=gated_response, **options)
+    with pytest.raises(ValueError, match="neither a pixel gradient"):
+        queries, pixels, qid, pid, qcls, pcls = make_problem()
+        external_focal_loss(queries, pixels, qid, pid, qcls, pcls, hard_negatives="topk",
+                            response=gated_response)
 
 
 def _focal0(z, alpha=0.25):

@@ -174,12 +174,12 @@ def test_query_response_reproduces_the_query_mask(images, weights):
     predictor = Predictor(cfg)
     a, b = demo._read(images[0]), demo._read(images[1])  # BGR, as DefaultPredictor takes
     response = query_response(predictor.model, [predictor.inputs(x) for x in (a, b, a)])
-    assert [m.shape for m in response.logits] == [(SIZE, SIZE)] * 3
+    assert [m.shape for m in response.probs] == [(SIZE, SIZE)] * 3
     # The response on an image depends on that image only; on A it is the query's mask.
-    np.testing.assert_allclose(response.logits[2], response.logits[0], rtol=1e-4, atol=1e-4)
-    assert np.abs(response.logits[1] - response.logits[0]).mean() > 1e-2
+    np.testing.assert_allclose(response.probs[2], response.probs[0], rtol=1e-4, atol=1e-5)
+    assert np.abs(response.probs[1] - response.probs[0]).mean() > 1e-3
     inst = predictor(a)["instances"]
-    own = response.logits[0] > 0
+    own = response.probs[0] > response.threshold
     agreement = [
         float((mask.numpy() > 0.5).__eq__(own).mean())
         for mask, c in zip(inst.pred_masks, inst.pred_classes) if int(c) == response.class_id

@@ -83,6 +83,34 @@ def test_adapter_rebuilds_the_segmenter_outputs_and_losses():
     assert base.decoder is adapter.model.decoder
 
 
+def test_adapter_masks_are_sparseinst_inference_masks():
+    """What the uniqueness evaluator calls a query's own mask is what SparseInst's inference
+    predicts: logits x2, sigmoid, to the padded input, crop, resize, > MASK_THRESHOLD."""
+    from instunique.adapter import build_adapter
+    from instunique.segmenters.sparseinst.inference import sparseinst_inference
+
+    torch.manual_seed(0)
+    model = build_model(get_config(BASE)).eval()
+    adapter = build_adapter(model)
+    x = fake_view(60, 90, 2, 0)
+    inputs = [{"image": x["image"], "height": 45, "width": 67}]
+    with torch.no_grad():
+        images = adapter.preprocess(inputs)
+        out = adapter.forward_train(images)
+        padded, size = tuple(images.tensor.shape[-2:]), images.image_sizes[0]
+        logits = adapter.mask_logits(out.query_embeds, out.pixel_embeds)[0]
+        probs = adapter.output_probabilities(logits, padded, size, (45, 67))
+        n = logits.shape[0]
+        expected = sparseinst_inference(
+            out.raw["pred_logits"][0], out.raw["pred_scores"][0], out.raw["pred_masks"][0],
+            size, padded, (45, 67), -1.0, model.mask_threshold, n,
+        ).pred_masks
+    assert padded != size and adapter.mask_threshold == model.mask_threshold == 0.45
+    masks = probs > adapter.mask_threshold
+    assert masks.shape == expected.shape == (n, 45, 67)
+    assert torch.equal(masks, expected) and 0 < masks.float().mean() < 1
+
+
 def test_query_response_reads_sparseinst_scores_and_masks():
     torch.manual_seed(0)
     model = build_model(get_config(BASE)).eval()
@@ -96,7 +124,7 @@ def test_query_response_reads_sparseinst_scores_and_masks():
     assert response.query == int(scores.argmax())
     assert response.class_id == int(probs[response.query].argmax())
     assert response.score == pytest.approx(float(scores.max()), rel=1e-5)
-    assert response.logits[0].shape == (64, 96)
+    assert response.probs[0].shape == (64, 96) and response.threshold == 0.45
 
 
 def test_equivariance_with_identity_warp_is_the_base_loss_of_the_view():

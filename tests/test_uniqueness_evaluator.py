@@ -110,6 +110,11 @@ def bare_evaluator(monkeypatch):
 
 class _WatchNothing:
     pixel_stride = 4
+    mask_threshold = 0.5
+
+    @staticmethod
+    def pixel_logits(queries, pixels):
+        return queries @ pixels.t()
 
     def watch_inference(self, callback):
         return None
@@ -123,13 +128,13 @@ def test_evaluator_on_constructed_outputs(bare_evaluator, tmp_path):
     g0, g1 = rect(h, w, 0, 10, 0, 5), rect(h, w, 0, 10, 5, 10)
     # Image A: the firing query, whose own mask merges g0 and g1, and a duplicate of it.
     own = torch.where(rect(h, w, 0, 10, 0, 10), 3.0, -3.0)
-    ev.add_image(torch.cat([query, query]), pixels_a, torch.stack([own, own]),
+    ev.add_image(torch.cat([query, query]), pixels_a, torch.stack([own, own]) > 0,
                  torch.stack([g0, g1]))
     # Image B: no confident query; ground truth unknown.
-    ev.add_image(query[:0], pixels_b, torch.zeros(0, h, w))
+    ev.add_image(query[:0], pixels_b, torch.zeros(0, h, w, dtype=torch.bool))
     # Image C opens a new group: its query is not scored against A or B, and a group of
     # one image has no external pairs.
-    ev.add_image(query, pixels_b, own[None], torch.stack([g0]))
+    ev.add_image(query, pixels_b, own[None] > 0, torch.stack([g0]))
     res = ev.evaluate()["uniqueness"]
     # Two confident queries of A, each on half of B's pixels.
     assert res["external_fire"] == pytest.approx(50.0)
@@ -151,9 +156,9 @@ def test_evaluator_on_constructed_outputs(bare_evaluator, tmp_path):
 def test_pixel_sample_bounds_the_external_pixels(bare_evaluator):
     query, pixels_a, pixels_b = half_firing_scene()
     ev = bare_evaluator(group_size=2, pixels_per_image=16)
-    ev.add_image(query, pixels_a, torch.zeros(1, 8, 8))
+    ev.add_image(query, pixels_a, torch.zeros(1, 8, 8, dtype=torch.bool))
     assert ev._group[0][1].shape == (16, 2)
-    ev.add_image(query[:0], pixels_b, torch.zeros(0, 8, 8))
+    ev.add_image(query[:0], pixels_b, torch.zeros(0, 8, 8, dtype=torch.bool))
     fire = ev.evaluate()["uniqueness"]["external_fire"]
     # A 16-pixel sample of an image that is half firing: a share k/16, near 50%.
     assert fire * 16 / 100 == pytest.approx(round(fire * 16 / 100)) and 20 <= fire <= 80

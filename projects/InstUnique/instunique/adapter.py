@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from detectron2.structures import ImageList
 from detectron2.utils.registry import Registry
 from torch import nn
@@ -24,8 +25,9 @@ class SegmenterOutputs:
     """What one forward of the base segmenter gives the objectives.
 
     pixel_embeds: (B, C, H_f, W_f) pixel embeddings F at ``pixel_stride`` of the padded input.
-    query_embeds: (B, Q, C) mask embeddings e of the final decoder layer; mask logits are
-        ``einsum('bqc,bchw->bqhw', e, F)``.
+    query_embeds: (B, Q, D) query embeddings e of the final decoder layer; their mask logits
+        on F are the adapter's ``mask_logits`` (for most segmenters D = C and the logit of
+        e on a pixel f is e . f).
     class_logits: (B, Q, K+1) final-layer per-query logits p, in the segmenter's own layout
         (Mask2Former: K classes + "no object"; SparseInst: K sigmoid classes + objectness);
         only the adapter interprets them (``query_scores``, ``final_layer_outputs``).
@@ -47,9 +49,41 @@ class SegmenterAdapter(ABC):
     #: whether the adapter has ``scene(raw)`` and ``decode_across(raw, scene)``: one batch's
     #: queries decoded on another batch's features (CROSS_IMAGE.MODE "cross_scene").
     decodes_across_scenes: bool = False
+    #: whether ``pixel_logits`` is the dot product ``queries @ pixels.T``: the objectives'
+    #: closed-form paths (pixel gradients, top-k negatives, the own-instance reference)
+    #: rely on it.
+    linear_response: bool = True
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @property
+    def mask_threshold(self) -> float:
+        """Probability above which the base inference puts a pixel in a query's mask."""
+        return 0.5
+
+    def pixel_logits(self, queries: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """Mask logits (R, N) of queries (R, D) on a set of pixel embeddings (N, C), each
+        pixel wherever it comes from (this image, another one, the memory)."""
+        return queries @ pixels.t()
+
+    def mask_logits(self, query_embeds: torch.Tensor, pixel_embeds: torch.Tensor) -> torch.Tensor:
+        """Mask logits (B, Q, H_f, W_f) of query embeddings (B, Q, D) on pixel embeddings
+        (B, C, H_f, W_f), at the pixel-embedding grid."""
+        return torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)
+
+    def output_probabilities(
+        self, mask_logits: torch.Tensor, padded_size: Tuple[int, int],
+        image_size: Tuple[int, int], output_size: Tuple[int, int],
+    ) -> torch.Tensor:
+        """Mask probabilities (n, height, width) at the output resolution, from mask logits
+        (n, H_f, W_f) at the pixel-embedding grid of a padded input, upsampled the way the
+        base inference does (here: to the padded input, crop to ``image_size``, resize)."""
+        h, w = image_size
+        m = F.interpolate(mask_logits[None].float(), size=padded_size, mode="bilinear",
+                          align_corners=False)[:, :, :h, :w]
+        m = F.interpolate(m, size=output_size, mode="bilinear", align_corners=False)[0]
+        return m.sigmoid()
 
     @property
     @abstractmethod
@@ -86,8 +120,8 @@ class SegmenterAdapter(ABC):
         self, class_logits: torch.Tensor, query_embeds: torch.Tensor, pixel_embeds: torch.Tensor
     ) -> Dict:
         """A raw output structure for ``base_losses`` holding only a final layer whose
-        class logits are (B, Q, K+1) and whose masks are ``e . F`` of the given query
-        embeddings (B, Q, C) and pixel embeddings (B, C, H_f, W_f)."""
+        class logits are (B, Q, K+1) and whose masks are the mask logits of the given query
+        embeddings (B, Q, D) on the pixel embeddings (B, C, H_f, W_f)."""
 
     def batch_slice(self, raw: Dict, start: int, stop: int) -> Dict:
         """The raw output structure of images ``start:stop`` of the batch (e.g. to give the

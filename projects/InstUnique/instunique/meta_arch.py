@@ -104,6 +104,7 @@ class InstUnique(nn.Module):
                 normalization=iu.CROSS_IMAGE.NORMALIZATION,
                 pixel_gradient=iu.CROSS_IMAGE.PIXEL_GRADIENT,
                 reference=iu.CROSS_IMAGE.REFERENCE,
+                response=None if adapter.linear_response else adapter.pixel_logits,
                 stuff_classes=(
                     training_stuff_classes(cfg.DATASETS.TRAIN)
                     if iu.CROSS_IMAGE.STUFF_TARGETS else ()

@@ -2,14 +2,17 @@
 exactly one query? The quantities Eq. 5 trains down, measured on validation images.
 
 Definitions (a *confident* query has class score > ``score_thresh``, the adapter's
-``query_scores``; its *own mask* is its mask logits e . F on its image, upsampled to the
-output resolution as the base inference does, thresholded at logit 0, i.e. p > 0.5):
+``query_scores``; its *own mask* is its mask on its image as the base inference makes it:
+the adapter's mask logits on F, upsampled to the output resolution as the base inference
+does, its probability above the base inference's mask threshold t, the adapter's
+``mask_threshold``: 0.5 for Mask2Former, MASK_THRESHOLD 0.45 for SparseInst):
 
 - external firing share: for each confident query of image A and each *other* image B of
-  A's group, the fraction of B's valid (unpadded) pixel embeddings f with
-  sigmoid(e . f) > 0.5; averaged over all such (query, other image) pairs, in percent.
+  A's group, the fraction of B's valid (unpadded) pixel embeddings f whose mask
+  probability (the adapter's ``pixel_logits``; e . f for Mask2Former) is above t; averaged
+  over all such (query, other image) pairs, in percent.
   Groups are consecutive runs of ``group_size`` images in loader order (per process).
-- mean max external probability: the same pairs, the maximum of sigmoid(e . f) over B's
+- mean max external probability: the same pairs, the maximum mask probability over B's
   pixels, averaged.
 - duplicate rate: confident queries whose own mask has IoU > 0.5 with the own mask of a
   more confident query of the same image, in percent of confident queries.
@@ -30,15 +33,13 @@ import logging
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.utils import comm
 from detectron2.utils.logger import create_small_table
 from torch import nn
@@ -59,17 +60,23 @@ _COUNTS = ("images", "groups", "pairs", "fire", "max_prob", "confident", "duplic
            "merged", "gt_images", "gt_instances", "split")
 
 
-def external_firing(queries: Sequence[torch.Tensor],
-                    pixels: Sequence[torch.Tensor]) -> Tuple[float, float, int]:
+def external_firing(queries: Sequence[torch.Tensor], pixels: Sequence[torch.Tensor],
+                    response: Optional[Callable] = None,
+                    threshold: float = 0.5) -> Tuple[float, float, int]:
     """Scores every image's queries against the pixels of the other images of a group.
 
     Args:
-        queries: per image, (n_i, C) confident query embeddings.
+        queries: per image, (n_i, D) confident query embeddings.
         pixels: per image, (P_i, C) valid pixel embeddings.
+        response: mask logits (n, P) of queries (n, D) on pixels (P, C), called as
+            ``response(queries, pixels)``; None: queries @ pixels.T.
+        threshold: the mask probability above which a pixel is fired on.
     Returns:
         (sum over (query, other image) pairs of the fraction of that image's pixels with
-        p > 0.5, sum over the same pairs of the max p, number of pairs).
+        p > threshold, sum over the same pairs of the max p, number of pairs).
     """
+    response = response or _dot
+    cut = math.log(threshold / (1 - threshold))
     fire = peak = 0.0
     pairs = 0
     for a, qa in enumerate(queries):
@@ -78,11 +85,15 @@ def external_firing(queries: Sequence[torch.Tensor],
         for b, fb in enumerate(pixels):
             if b == a or len(fb) == 0:
                 continue
-            z = qa @ fb.t()  # (n_a, P_b); p > 0.5 <=> z > 0
-            fire += z.gt(0).float().mean(1).sum().item()
+            z = response(qa, fb)  # (n_a, P_b); p > threshold <=> z > logit(threshold)
+            fire += z.gt(cut).float().mean(1).sum().item()
             peak += z.max(1).values.sigmoid().sum().item()
             pairs += len(qa)
     return fire, peak, pairs
+
+
+def _dot(queries: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    return queries @ pixels.t()
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -215,23 +226,24 @@ class QueryUniquenessEvaluator(DatasetEvaluator):
                 out = self.adapter.forward_train(self.adapter.preprocess(inputs))
         stride = self.adapter.pixel_stride
         scores = self.adapter.query_scores(out.class_logits)
+        f_all = out.pixel_embeds.float()
+        padded = (f_all.shape[-2] * stride, f_all.shape[-1] * stride)
         for i, x in enumerate(inputs):
             h, w = x["image"].shape[-2:]
             height, width = x.get("height", h), x.get("width", w)
             order = scores[i].argsort(descending=True)
             keep = order[scores[i][order] > self.score_thresh]
             queries = out.query_embeds[i][keep].float()
-            f = out.pixel_embeds[i].float()
+            f = f_all[i]
             if len(queries):
-                # As the base inference: upsample to the padded input, crop, resize.
-                logits = torch.einsum("qc,chw->qhw", queries, f)[None]
-                logits = F.interpolate(logits, scale_factor=stride, mode="bilinear",
-                                       align_corners=False)[0]
-                mask_logits = sem_seg_postprocess(logits, (h, w), height, width)
+                logits = self.adapter.mask_logits(queries[None], f[None])[0]
+                probs = self.adapter.output_probabilities(logits, padded, (h, w),
+                                                          (height, width))
+                masks = probs > self.adapter.mask_threshold
             else:
-                mask_logits = f.new_zeros((0, height, width))
+                masks = torch.zeros((0, height, width), dtype=torch.bool, device=f.device)
             valid = f[:, : -(-h // stride), : -(-w // stride)]
-            self.add_image(queries, valid, mask_logits, self._gt_masks(x, (height, width)))
+            self.add_image(queries, valid, masks, self._gt_masks(x, (height, width)))
 
     def evaluate(self):
         self._flush_group()
@@ -256,19 +268,18 @@ class QueryUniquenessEvaluator(DatasetEvaluator):
 
     # ------------------------------------------------------------------------- the work
     def add_image(self, queries: torch.Tensor, pixels: torch.Tensor,
-                  mask_logits: torch.Tensor, gt_masks: Optional[torch.Tensor] = None):
+                  masks: torch.Tensor, gt_masks: Optional[torch.Tensor] = None):
         """Accounts one image (the model-free core of ``process``).
 
         Args:
-            queries: (n, C) confident query embeddings, most confident first.
+            queries: (n, D) confident query embeddings, most confident first.
             pixels: (C, h, w) its valid (unpadded) pixel embeddings.
-            mask_logits: (n, H, W) the queries' own mask logits at the output resolution.
+            masks: (n, H, W) bool, the queries' own masks at the output resolution.
             gt_masks: (m, H, W) bool ground-truth instance masks; None: unknown.
         """
         s = self._stats
         s["images"] += 1
         s["confident"] += len(queries)
-        masks = mask_logits > 0
         s["duplicates"] += count_duplicates(masks)
         if gt_masks is not None:
             merged, split = count_merges_and_splits(masks, gt_masks.to(masks.device))
@@ -306,7 +317,8 @@ class QueryUniquenessEvaluator(DatasetEvaluator):
     def _flush_group(self):
         if len(self._group) >= 2:
             queries, pixels = zip(*self._group)
-            fire, peak, pairs = external_firing(queries, pixels)
+            fire, peak, pairs = external_firing(queries, pixels, self.adapter.pixel_logits,
+                                                self.adapter.mask_threshold)
             self._stats["fire"] += fire
             self._stats["max_prob"] += peak
             self._stats["pairs"] += pairs

@@ -2,7 +2,9 @@
 
 A query of image b must fire on its own instance and on nothing in other images: its mask
 embedding e_bq is scored against external pixel embeddings f (other images of the batch
-and the memory) with logit z = e_bq . f and a loss towards 0. Only the query side learns:
+and the memory) with logit z = e_bq . f (or the base segmenter's own logit of a query on
+a pixel, the adapter's ``pixel_logits``, e.g. CondInst's dynamic mask head) and a loss
+towards 0. Only the query side learns:
 f is detached (Alg. 1; PIXEL_GRADIENT "batch" lets the batch's f learn too). Panoptic
 stuff (supp. S1): a query matched to a stuff segment of class c has target 1 on external
 pixels labelled c.
@@ -34,7 +36,7 @@ under MODEL.INST_UNIQUE.CROSS_IMAGE, see config.py):
 pixel of its class): the logit of the wrong answer. With it, every target reads as target
 0 on h, with the focal alpha weight of the original target.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,19 @@ def _check_options(*, alpha, gamma, queries, loss, temperature, hard_negatives,
                          f"unmatched query has no instance of its own), got {queries!r}")
 
 
+def _check_dot_product_options(pixel_gradient, hard_negatives, reference):
+    """ValueError naming the first option that needs the logit to be e . f."""
+    for key, value, linear_only in (
+        ("PIXEL_GRADIENT", pixel_gradient, "batch"),
+        ("HARD_NEGATIVES", hard_negatives, "topk"),
+        ("REFERENCE", reference, "own_instance"),
+    ):
+        if value == linear_only:
+            raise ValueError(f"{_KEY}{key} {value!r} needs a base segmenter whose mask logit "
+                             f"is the dot product e . f; this one's is not (its adapter's "
+                             f"linear_response is False)")
+
+
 class CrossImageLoss(nn.Module):
     """Eq. 5 over a batch: the queries against the other images' sampled pixels + memory."""
 
@@ -94,14 +109,19 @@ class CrossImageLoss(nn.Module):
         queries: str = "all", loss: str = "focal", temperature: float = 1.0,
         hard_negatives: str = "none", hard_threshold: float = 0.8, topk: int = 1,
         normalization: str = "mean", pixel_gradient: str = "none", reference: str = "none",
+        response: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     ):
         """See the module docstring for the options; a bad one raises ValueError naming
-        its MODEL.INST_UNIQUE.CROSS_IMAGE key."""
+        its MODEL.INST_UNIQUE.CROSS_IMAGE key. ``response``: the logits (R, N) of queries
+        (R, D) on pixel embeddings (N, C); None: the dot product (D == C)."""
         super().__init__()
         _check_options(alpha=alpha, gamma=gamma, queries=queries, loss=loss,
                        temperature=temperature, hard_negatives=hard_negatives,
                        hard_threshold=hard_threshold, topk=topk, normalization=normalization,
                        pixel_gradient=pixel_gradient, reference=reference)
+        if response is not None:
+            _check_dot_product_options(pixel_gradient, hard_negatives, reference)
+        self.response = response
         self.pixel_gradient = pixel_gradient
         self.reference = reference
         self.weight = weight
@@ -200,6 +220,7 @@ class CrossImageLoss(nn.Module):
         loss = external_focal_loss(
             query_embeds, external[0], query_ids, external[2], query_cls, external[1],
             self.alpha, self.gamma, self.chunk_pixels, num_masks=num_masks,
-            grad_rows=feats.shape[0] if batch_grad else 0, **self.options,
+            grad_rows=feats.shape[0] if batch_grad else 0, response=self.response,
+            **self.options,
         )
         return loss * self.weight, (feats.detach(), pix_cls, pix_ids)

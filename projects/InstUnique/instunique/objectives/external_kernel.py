@@ -6,7 +6,7 @@ config); this module only computes.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,8 @@ class KernelOptions:
     num_masks: float
     chunk: int
     grad_rows: int  # pixels [0, grad_rows) get a gradient (PIXEL_GRADIENT "batch")
+    # The logits of R queries on n pixels, (R, D), (n, C) -> (R, n); None: the dot product.
+    response: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
 
 def _pair_terms(h: torch.Tensor, target: Optional[torch.Tensor], keep: Optional[torch.Tensor],
@@ -88,6 +90,10 @@ class _ExternalLoss(torch.autograd.Function):
     With ``opts.grad_rows`` > 0 the first ``grad_rows`` pixels get their gradient the same
     way (only with the "mean" and "mean_all" normalisations, whose divisor is one scalar).
 
+    With ``opts.response`` (a logit that is not q . f, e.g. CondInst's dynamic mask head)
+    each chunk's logits are computed under autograd and their vector-Jacobian product with
+    dL/dz is taken at once, so the graph of one chunk lives at a time.
+
     Top-k hard negatives stream too: a running top-k of hardness logits (R, k) and their
     pixel indices is merged with each chunk (topk of the concatenation), so memory is
     O(R * (k + chunk)); the loss and its gradient are computed on the survivors at the
@@ -121,7 +127,13 @@ class _ExternalLoss(torch.autograd.Function):
             for start in range(0, pixels.shape[0], opts.chunk):
                 f = pixels[start : start + opts.chunk].to(dtype)
                 ids = pixel_ids[start : start + opts.chunk]
-                h = q @ f.t()
+                if opts.response is None:
+                    h = q @ f.t()
+                else:
+                    with torch.enable_grad():
+                        q_leaf = q.detach().requires_grad_(need_grad)
+                        z = opts.response(q_leaf, f).to(dtype)
+                    h = z.detach().clone()
                 target = None
                 if any_stuff:
                     cls = pixel_cls[start : start + opts.chunk]
@@ -148,8 +160,10 @@ class _ExternalLoss(torch.autograd.Function):
                 loss, dz = _pair_terms(h, target, keep, opts)
                 row_loss += loss
                 row_count += f.shape[0] if keep is None else keep.sum(1)
-                if need_grad:
+                if need_grad and opts.response is None:
                     grad.addmm_(dz, f)
+                elif need_grad:
+                    grad += torch.autograd.grad(z, q_leaf, dz)[0]
                 if start < rows:
                     end = min(start + f.shape[0], rows)
                     grad_pixels[start:end].addmm_(dz[:, : end - start].t(), q)
@@ -210,6 +224,7 @@ def external_focal_loss(
     alpha: float = 0.25, gamma: float = 2.0, chunk: int = 0, *, loss: str = "focal",
     temperature: float = 1.0, hard_negatives: str = "none", hard_threshold: float = 0.8,
     topk: int = 1, normalization: str = "mean", num_masks: float = 1.0, grad_rows: int = 0,
+    response: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """
     Args:
@@ -225,10 +240,17 @@ def external_focal_loss(
             :mod:`.cross_image`; ``hard_threshold`` is read with "threshold", ``topk`` with
             "topk".
         num_masks: divisor of the "per_query" normalisation (number of target masks).
+        response: the logits of queries (R', D) on pixels (n, C) as (R', n), differentiable
+            in the queries; None: queries @ pixels.T (D == C). Another response leaves out
+            the pixel gradient and "topk", which are written for the dot product.
     Returns:
         scalar: the normalised loss over the kept (query, pixel) pairs.
     """
-    _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls)
+    _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, response is None)
+    if response is not None and (grad_rows or hard_negatives == "topk"):
+        raise ValueError("external_focal_loss: a response other than the dot product "
+                         "supports neither a pixel gradient (grad_rows > 0) nor hard "
+                         "negatives 'topk'")
     _check_choice("loss", loss, LOSSES)
     _check_choice("hard_negatives", hard_negatives, HARD_NEGATIVES)
     _check_choice("normalization", normalization, NORMALIZATIONS)
@@ -242,7 +264,7 @@ def external_focal_loss(
         float(alpha), float(gamma), loss, float(temperature), hard_negatives,
         float(hard_threshold), int(topk), normalization, float(max(num_masks, 1.0)),
         int(chunk) if chunk > 0 else _auto_chunk(queries.shape[0], queries.device),
-        min(int(grad_rows), pixels.shape[0]),
+        min(int(grad_rows), pixels.shape[0]), response,
     )
     return _ExternalLoss.apply(queries, pixels if grad_rows else pixels.detach(), query_ids,
                                pixel_ids, query_cls, pixel_cls, opts)
@@ -261,10 +283,11 @@ def _auto_chunk(num_queries: int, device: torch.device) -> int:
     return max(elements // max(num_queries, 1), 1)
 
 
-def _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls):
-    if queries.dim() != 2 or pixels.dim() != 2 or queries.shape[1] != pixels.shape[1]:
+def _check_shapes(queries, pixels, query_ids, pixel_ids, query_cls, pixel_cls, dot: bool):
+    if queries.dim() != 2 or pixels.dim() != 2 or (dot and queries.shape[1] != pixels.shape[1]):
+        same = " with the same C" if dot else ""
         raise ValueError(
-            f"external_focal_loss: queries must be (R, C) and pixels (N, C) with the same C, "
+            f"external_focal_loss: queries must be (R, C) and pixels (N, C){same}, "
             f"got queries {tuple(queries.shape)} and pixels {tuple(pixels.shape)}"
         )
     for name, t, n in (

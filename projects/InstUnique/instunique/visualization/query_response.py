@@ -1,7 +1,8 @@
-"""Where does one query fire? Its mask logits e_q . F on its own image and on others.
+"""Where does one query fire? Its mask on its own image and on others.
 
-A query of image A is its mask embedding e_q (C,). Dotted with the pixel embeddings F_B
-(C, H/s, W/s) of any image B it gives a mask logit map; for A itself that map is the
+A query of image A is its embedding e_q. Read on the pixel embeddings F_B of any image B
+(the adapter's ``mask_logits``: e_q . F_B for Mask2Former and SparseInst) it gives a mask
+probability map, upsampled as the base inference does; for A itself that map is the
 query's predicted mask. Cross-image querying (paper Eq. 5) trains e_q to give low logits
 on every other image, so a good model lights up only the query's own instance.
 
@@ -15,7 +16,6 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-from detectron2.modeling.postprocessing import sem_seg_postprocess
 from torch import nn
 
 from ..adapter import SegmenterAdapter, build_adapter
@@ -26,20 +26,23 @@ __all__ = ["QueryResponse", "heat_overlay", "query_response", "render_query_resp
 
 @dataclass
 class QueryResponse:
-    """One query of image A and its mask logits on every image.
+    """One query of image A and its mask probabilities on every image.
 
     query: index of the query in A's decoder output.
     class_id: the query's most likely (non-void) class.
     score: its confidence (the adapter's query_predictions: for Mask2Former the probability
         of that class).
-    logits: per image i, (height_i, width_i) float32 mask logits e_q . F_i at the output
-        resolution of that image (its dict's "height"/"width"); logits[0] is image A.
+    probs: per image i, (height_i, width_i) float32 mask probabilities of the query on F_i
+        at the output resolution of that image (its dict's "height"/"width"), as the base
+        inference computes them; probs[0] is image A.
+    threshold: the probability above which the base inference puts a pixel in the mask.
     """
 
     query: int
     class_id: int
     score: float
-    logits: List[np.ndarray]
+    probs: List[np.ndarray]
+    threshold: float
 
 
 def _adapter(model: nn.Module) -> SegmenterAdapter:
@@ -104,27 +107,28 @@ def query_response(
         raise ValueError(f"query must be an int in [0, {num_queries}), got {query!r}")
     score, class_id = scores[query], classes[query]
 
-    e = embeds[query]  # (C,)
-    logits = []
+    e = embeds[query][None, None]  # (1, 1, D)
+    probs = []
     for x, feat, size, pad in zip(inputs, pixels, sizes, pads):
-        m = torch.einsum("c,chw->hw", e, feat)[None, None].float()
-        # The segmenter's own inference path: to the padded input, crop, resize.
-        m = torch.nn.functional.interpolate(m, size=pad, mode="bilinear", align_corners=False)
+        logits = adapter.mask_logits(e, feat[None])[0]
         height, width = x.get("height", size[0]), x.get("width", size[1])
-        m = sem_seg_postprocess(m[0], size, height, width)[0]
-        logits.append(m.cpu().numpy().astype(np.float32))
-    return QueryResponse(int(query), int(class_id), float(score), logits)
+        m = adapter.output_probabilities(logits, pad, size, (height, width))[0]
+        probs.append(m.cpu().numpy().astype(np.float32))
+    return QueryResponse(int(query), int(class_id), float(score), probs,
+                         float(adapter.mask_threshold))
 
 
-def heat_overlay(image: np.ndarray, logits: np.ndarray, alpha: float = 0.6) -> np.ndarray:
-    """sigmoid(logits) as a JET heat map over a grey copy of ``image``; (H, W, 3) uint8.
+def heat_overlay(image: np.ndarray, prob: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Probabilities ``prob`` (H, W) as a JET heat map over a grey copy of ``image``;
+    (H, W, 3) uint8.
 
     The colour scale is absolute (0 -> blue, 1 -> red), so panels compare directly.
     """
     image = check_image(image)
-    if logits.shape != image.shape[:2]:
-        raise ValueError(f"logits of shape {logits.shape} do not fit an image {image.shape[:2]}")
-    prob = 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
+    if prob.shape != image.shape[:2]:
+        raise ValueError(f"probabilities of shape {prob.shape} do not fit an image "
+                         f"{image.shape[:2]}")
+    prob = np.clip(prob, 0.0, 1.0)
     heat = cv2.applyColorMap((prob * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)[..., None]
@@ -141,12 +145,12 @@ def render_query_response(
     """[A | response on A | response on B | ...] with captions; one row, uint8 RGB.
 
     Args:
-        images: the (H_i, W_i, 3) uint8 RGB images of ``response.logits`` (A first).
+        images: the (H_i, W_i, 3) uint8 RGB images of ``response.probs`` (A first).
         class_names: to name the query's class in the caption.
         prefix: prepended to the first caption (e.g. the model's name).
     """
-    if len(images) != len(response.logits):
-        raise ValueError(f"got {len(images)} images for {len(response.logits)} response maps")
+    if len(images) != len(response.probs):
+        raise ValueError(f"got {len(images)} images for {len(response.probs)} response maps")
     name = (
         class_names[response.class_id]
         if class_names is not None and response.class_id < len(class_names)
@@ -154,9 +158,8 @@ def render_query_response(
     )
     panels = [scale_image(images[0], scale)]
     captions = [f"{prefix}A: query {response.query} ({name} {response.score:.2f})"]
-    for i, (image, logits) in enumerate(zip(images, response.logits)):
-        panels.append(scale_image(heat_overlay(image, logits), scale))
+    for i, (image, prob) in enumerate(zip(images, response.probs)):
+        panels.append(scale_image(heat_overlay(image, prob), scale))
         label = "A (own)" if i == 0 else chr(ord("A") + i) if i < 26 else str(i)
-        peak = float(1.0 / (1.0 + np.exp(-min(float(logits.max()), 50.0))))
-        captions.append(f"on {label}: max {peak:.2f}")
+        captions.append(f"on {label}: max {float(prob.max()):.2f}")
     return compose_row(panels, captions)

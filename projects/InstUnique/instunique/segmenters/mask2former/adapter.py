@@ -32,8 +32,8 @@ class Mask2FormerAdapter(MetaArchAdapter):
         return self.outputs(raw)
 
     def final_layer_outputs(self, class_logits, query_embeds, pixel_embeds):
-        masks = torch.einsum("bqc,bchw->bqhw", query_embeds, pixel_embeds)
-        return {"pred_logits": class_logits, "pred_masks": masks}
+        return {"pred_logits": class_logits,
+                "pred_masks": self.mask_logits(query_embeds, pixel_embeds)}
 
     def scene(self, raw):
         """What ``decode_across`` needs of a batch to decode other queries on it later: its

@@ -6,6 +6,7 @@ own. SparseInst has no "no object" class; its per-query logit layout in
 ``SegmenterOutputs.class_logits`` is (B, N, K + 1) = [K class logits, objectness logit].
 """
 import torch
+import torch.nn.functional as F
 
 from ...adapter import ADAPTER_REGISTRY, MetaArchAdapter, SegmenterOutputs
 from .decoder import kernel_masks
@@ -38,6 +39,21 @@ class SparseInstAdapter(MetaArchAdapter):
             "pred_scores": class_logits[..., k:],
             "pred_masks": kernel_masks(query_embeds, pixel_embeds, self.model.decoder.scale_factor),
         }
+
+    @property
+    def mask_threshold(self):
+        return self.model.mask_threshold
+
+    def output_probabilities(self, mask_logits, padded_size, image_size, output_size):
+        """As SparseInst's inference: logits x2 (the decoder's scale), sigmoid, then the
+        probabilities to the padded input, cropped, resized."""
+        h, w = image_size
+        scale = self.model.decoder.scale_factor
+        probs = F.interpolate(mask_logits[None].float(), scale_factor=scale, mode="bilinear",
+                              align_corners=False).sigmoid()
+        probs = F.interpolate(probs, size=padded_size, mode="bilinear",
+                              align_corners=False)[:, :, :h, :w]
+        return F.interpolate(probs, size=output_size, mode="bilinear", align_corners=False)[0]
 
     # mask_only (MetaArchAdapter.base_losses) keeps the mask terms alone: objectness is a
     # score, like the classes.
