@@ -14,24 +14,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 from instunique import load_config
-from instunique.data.datasets import check_dataset
-from instunique.data.user_datasets import setup_user_datasets
-from instunique.data.validation import validate_datasets
+from instunique.data.prepare import prepare_datasets
 from instunique.engine.trainer import Trainer, check_device, load_for_evaluation
 
 
 def setup(args):
     cfg = load_config(args.config_file, args.opts)
-    # DATASETS.REGISTER: the user's COCO-format data; also checks or sets NUM_CLASSES.
-    setup_user_datasets(cfg, eval_only=args.eval_only)
-    cfg.freeze()
     check_device(cfg)
-    # --eval-only reads the test sets alone: a missing training set is no error there.
-    for name in (*(() if args.eval_only else cfg.DATASETS.TRAIN), *cfg.DATASETS.TEST):
-        check_dataset(name)
-    # Images, masks, polygons and class counts, before the first iteration; what is left
-    # out, the datasets are re-registered without.
-    validate_datasets(cfg, train=not args.eval_only)
+    # Registers DATASETS.REGISTER, generates built-in data, validates it; may set NUM_CLASSES.
+    prepare_datasets(cfg, train=not args.eval_only)
+    cfg.freeze()
     default_setup(cfg, args)
     return cfg
 

@@ -32,7 +32,7 @@ from .shapes_diverse import SHAPES_DIVERSE
 from .shapes_panoptic import SHAPES_PANOPTIC
 from .synthetic import materialize_synthetic, register_synthetic
 
-__all__ = ["DatasetNotRegisteredError", "check_dataset", "prepare_dataset", "register_all",
+__all__ = ["DatasetNotRegisteredError", "check_dataset", "register_all",
            "register_on_first_use"]
 
 # Metadata fields that detectron2's builtin datasets use for files and folders.
@@ -154,11 +154,6 @@ def check_dataset(name: str) -> Metadata:
     if missing:
         raise FileNotFoundError(_missing_files_message(name, meta, missing))
     return meta
-
-
-def prepare_dataset(name: str) -> Metadata:
-    """:func:`check_dataset`, for callers that need the files to exist from here on."""
-    return check_dataset(name)
 
 
 register_all()

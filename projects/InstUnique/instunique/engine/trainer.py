@@ -20,7 +20,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import AtomicCheckpointer
 from ..data import InstanceViewMapper, PairedViewMapper
-from ..data.datasets import prepare_dataset
+from ..data.datasets import check_dataset
 from ..data.sampler import build_resumable_train_loader
 from ..evaluation import QueryUniquenessEvaluator, build_dataset_evaluators
 from ..objectives.cross_scene import CrossSceneLoss
@@ -117,8 +117,10 @@ class Trainer(DefaultTrainer):
     def build_train_loader(cls, cfg):
         paired = cfg.MODEL.META_ARCHITECTURE == "InstUnique"
         mapper = (PairedViewMapper if paired else InstanceViewMapper)(cfg, is_train=True)
+        # For callers that skip train_net's prepare_datasets (benchmarks, tests): generates
+        # built-in data on first use; a no-op once the files exist.
         for name in cfg.DATASETS.TRAIN:
-            prepare_dataset(name)
+            check_dataset(name)
         if cfg.DATALOADER.SAMPLER_TRAIN == "TrainingSampler":
             return build_resumable_train_loader(cfg, mapper)
         logging.getLogger(__name__).warning(
@@ -176,7 +178,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
-        prepare_dataset(dataset_name)  # generates the built-in data on first use
+        check_dataset(dataset_name)  # as in build_train_loader
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         # COCO instances, COCO panoptic or semantic, by the dataset's evaluator_type.
         evaluators = build_dataset_evaluators(cfg, dataset_name, output_folder)
