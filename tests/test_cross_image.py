@@ -226,14 +226,20 @@ def make_loss(**kwargs):
     return CrossImageLoss(**args)
 
 
+def score(module, outputs, targets, matching, valid_hw, image_ids, memory=None):
+    """``module``'s loss and sampled pixels with ``memory`` as its pixel memory."""
+    module.memory = memory
+    return module(outputs, targets, matching, valid_hw, image_ids)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 20, 27, 1000])
 def test_module_equals_dense_reference_with_memory_and_stuff(chunk):
     outputs, targets, matching, valid_hw, image_ids = make_batch()
     memory = make_memory()
+    mem_feats, mem_cls, mem_ids = memory.contents()  # what the loss reads
     torch.manual_seed(0)
-    loss, (feats, cls, ids) = make_loss(chunk_pixels=chunk)(
-        outputs, targets, matching, valid_hw, image_ids, memory
-    )
+    loss, (feats, cls, ids) = score(make_loss(chunk_pixels=chunk), outputs, targets,
+                                    matching, valid_hw, image_ids, memory)
     loss.backward()
 
     # The sampled pixels are cells of the valid area of their image, with their GT class.
@@ -256,7 +262,6 @@ def test_module_equals_dense_reference_with_memory_and_stuff(chunk):
         labels = targets[k]["labels"][tgt]
         query_cls[k, src[labels == 2]] = 2
     assert (query_cls >= 0).sum() == 4
-    mem_feats, mem_cls, mem_ids = memory.contents()
     queries = outputs.query_embeds.detach().clone().requires_grad_()
     ref = 2.5 * dense_focal(
         queries.reshape(12, 6), torch.cat([feats, mem_feats.double()]),
@@ -268,15 +273,25 @@ def test_module_equals_dense_reference_with_memory_and_stuff(chunk):
     torch.testing.assert_close(outputs.query_embeds.grad, queries.grad, rtol=1e-10, atol=1e-14)
 
 
-def test_module_leaves_pixels_and_memory_alone():
+def test_module_fills_its_memory_after_the_loss_and_leaves_pixels_alone():
     outputs, targets, matching, valid_hw, image_ids = make_batch(seed=1)
     memory = make_memory()
-    before = {k: v.clone() for k, v in memory.state_dict().items()}
-    loss, _ = make_loss()(outputs, targets, matching, valid_hw, image_ids, memory)
+    before = memory.contents()
+    module = make_loss()
+    loss, sampled = score(module, outputs, targets, matching, valid_hw, image_ids, memory)
     loss.backward()
-    # The loss reads the memory but does not enqueue: the caller does, after the loss.
-    for k, v in memory.state_dict().items():
-        assert torch.equal(v, before[k]), k
+    # The loss read the memory as it was; then the 20 sampled pixels joined it (capacity
+    # 9: the newest 9 stay).
+    module.memory = None
+    loss_without, _ = module(outputs, targets, matching, valid_hw, image_ids)
+    assert loss.item() != loss_without.item()
+    for now, new, old in zip(memory.contents(), sampled, before):
+        assert torch.equal(now, new[-9:].to(now.dtype)) and not torch.equal(now, old)
+    module.eval()  # outside training nothing joins
+    module.memory = memory
+    kept = memory.contents()
+    module(outputs, targets, matching, valid_hw, image_ids)
+    assert all(torch.equal(a, b) for a, b in zip(kept, memory.contents()))
     assert memory.feats.grad is None
     assert outputs.pixel_embeds.grad is None
     assert outputs.query_embeds.grad.abs().sum() > 0
@@ -285,9 +300,8 @@ def test_module_leaves_pixels_and_memory_alone():
 def test_module_thing_only_targets_zero_everywhere():
     outputs, targets, matching, valid_hw, image_ids = make_batch(seed=2)
     torch.manual_seed(1)
-    loss, (feats, cls, ids) = make_loss(stuff_classes=())(
-        outputs, targets, matching, valid_hw, image_ids, None
-    )
+    loss, (feats, cls, ids) = score(make_loss(stuff_classes=()),
+                                    outputs, targets, matching, valid_hw, image_ids, None)
     ref = 2.5 * dense_focal(
         outputs.query_embeds.detach().reshape(12, 6), feats, image_ids.repeat_interleave(3),
         ids, torch.full((12,), -1), cls,
@@ -298,13 +312,13 @@ def test_module_thing_only_targets_zero_everywhere():
 def test_module_two_views_of_one_image_are_not_external():
     outputs, targets, matching, valid_hw, _ = make_batch(seed=3)
     same_image = torch.tensor([7, 7, 7, 7])
-    loss, _ = make_loss()(outputs, targets, matching, valid_hw, same_image, None)
+    loss, _ = score(make_loss(), outputs, targets, matching, valid_hw, same_image, None)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(outputs.query_embeds.grad, torch.zeros_like(outputs.query_embeds))
 
     memory = make_memory()  # entries of images 10 to 13 are external to image 7
-    loss, _ = make_loss()(outputs, targets, matching, valid_hw, same_image, memory)
+    loss, _ = score(make_loss(), outputs, targets, matching, valid_hw, same_image, memory)
     assert loss.item() > 0.0
 
 
@@ -518,9 +532,8 @@ def test_matched_queries_alone_get_gradient():
                 (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)),
                 (torch.tensor([1]), torch.tensor([0])), (torch.tensor([1]), torch.tensor([2]))]
     torch.manual_seed(2)
-    loss, (feats, cls, ids) = make_loss(queries="matched", stuff_classes=())(
-        outputs, targets, matching, valid_hw, image_ids, None
-    )
+    loss, (feats, cls, ids) = score(make_loss(queries="matched", stuff_classes=()),
+                                    outputs, targets, matching, valid_hw, image_ids, None)
     loss.backward()
     grad = outputs.query_embeds.grad.abs().sum(-1)
     matched = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0], [0, 1, 0]], dtype=torch.bool)
@@ -533,7 +546,8 @@ def test_matched_queries_alone_get_gradient():
 
     # "all" scores every query.
     outputs.query_embeds.grad = None
-    loss, _ = make_loss(stuff_classes=())(outputs, targets, matching, valid_hw, image_ids, None)
+    loss, _ = score(make_loss(stuff_classes=()),
+                    outputs, targets, matching, valid_hw, image_ids, None)
     loss.backward()
     assert (outputs.query_embeds.grad.abs().sum(-1) > 0).all()
 
@@ -541,9 +555,8 @@ def test_matched_queries_alone_get_gradient():
 def test_per_query_divides_by_the_number_of_target_masks():
     outputs, targets, matching, valid_hw, image_ids = make_batch(seed=5)
     torch.manual_seed(3)
-    loss, (feats, cls, ids) = make_loss(normalization="per_query", stuff_classes=())(
-        outputs, targets, matching, valid_hw, image_ids, None
-    )
+    loss, (feats, cls, ids) = score(make_loss(normalization="per_query", stuff_classes=()),
+                                    outputs, targets, matching, valid_hw, image_ids, None)
     num_masks = sum(len(t["labels"]) for t in targets)
     assert num_masks == 12
     ref = 2.5 * dense_variant(outputs.query_embeds.detach().reshape(12, 6), feats,
@@ -640,8 +653,8 @@ def test_pixel_gradient_equals_dense_autograd(variant, chunk, rows, stuff):
 def test_pixel_gradient_reaches_the_batch_pixels_not_the_memory():
     outputs, targets, matching, valid_hw, image_ids = make_batch(seed=4)
     memory = make_memory()
-    loss, (feats, _, _) = make_loss(pixel_gradient="batch")(
-        outputs, targets, matching, valid_hw, image_ids, memory)
+    loss, (feats, _, _) = score(make_loss(pixel_gradient="batch"), outputs, targets,
+                                matching, valid_hw, image_ids, memory)
     loss.backward()
     grad = outputs.pixel_embeds.grad
     assert grad is not None and grad.abs().sum() > 0
@@ -652,11 +665,11 @@ def test_pixel_gradient_reaches_the_batch_pixels_not_the_memory():
     assert not feats.requires_grad and memory.feats.grad is None
     outputs_again = make_batch(seed=4)[0]
     torch.manual_seed(0)
-    loss_detached, _ = make_loss()(outputs_again, targets, matching, valid_hw, image_ids,
-                                   memory)
+    loss_detached, _ = score(make_loss(), outputs_again, targets, matching, valid_hw,
+                             image_ids, make_memory())
     torch.manual_seed(0)
-    same, _ = make_loss(pixel_gradient="batch")(make_batch(seed=4)[0], targets, matching,
-                                                valid_hw, image_ids, memory)
+    same, _ = score(make_loss(pixel_gradient="batch"), make_batch(seed=4)[0], targets,
+                    matching, valid_hw, image_ids, make_memory())
     torch.testing.assert_close(same, loss_detached, rtol=1e-12, atol=0)  # same value
 
 
@@ -689,17 +702,17 @@ def own_means(pixel_embeds, targets, matching):
 def test_own_instance_reference_equals_dense_reference(opts):
     outputs, targets, matching, valid_hw, image_ids = make_batch(seed=7)
     memory = make_memory()
+    mem_feats, mem_cls, mem_ids = memory.contents()  # what the loss reads
     torch.manual_seed(4)
-    loss, (feats, cls, ids) = make_loss(queries="matched", reference="own_instance", **opts)(
-        outputs, targets, matching, valid_hw, image_ids, memory
-    )
+    loss, (feats, cls, ids) = score(
+        make_loss(queries="matched", reference="own_instance", **opts), outputs, targets,
+        matching, valid_hw, image_ids, memory)
     loss.backward()
     rows = torch.tensor([1] * 9 + [1, 0, 1], dtype=torch.bool)  # image 3: queries 2 and 0
     queries = outputs.query_embeds.detach().clone().requires_grad_()
     e = queries.reshape(12, 6)[rows]
     own = own_means(outputs.pixel_embeds, targets, matching).reshape(12, 6)[rows]
     query_cls = torch.tensor([-1, 2, -1, 2, -1, -1, -1, 2, -1, -1, 2])  # stuff class 2
-    mem_feats, mem_cls, mem_ids = memory.contents()
     ref = 2.5 * dense_variant(e, torch.cat([feats, mem_feats.double()]),
                               image_ids.repeat_interleave(3)[rows], torch.cat([ids, mem_ids]),
                               query_cls, torch.cat([cls, mem_cls]), offset=(e * own).sum(1),
@@ -717,14 +730,14 @@ def test_own_instance_reference_leaves_a_look_alike_of_the_own_instance_alone():
     matching = [(torch.tensor([1]), torch.tensor([2]))] + [
         (torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long))] * 3
     own = own_means(outputs.pixel_embeds, targets, matching)[0, 1]
-    memory = PixelMemory(capacity=4, dim=6)
-    memory.enqueue(own.float().expand(4, 6), torch.full((4,), -1), torch.full((4,), 12))
     same_image = torch.tensor([7, 7, 7, 7])  # the batch's own pixels are not external
     grads = {}
     for reference in ("none", "own_instance"):
+        memory = PixelMemory(capacity=4, dim=6)
+        memory.enqueue(own.float().expand(4, 6), torch.full((4,), -1), torch.full((4,), 12))
         outputs.query_embeds.grad = None
-        loss, _ = make_loss(queries="matched", reference=reference, stuff_classes=())(
-            outputs, targets, matching, valid_hw, same_image, memory)
+        loss, _ = score(make_loss(queries="matched", reference=reference, stuff_classes=()),
+                        outputs, targets, matching, valid_hw, same_image, memory)
         loss.backward()
         grads[reference] = outputs.query_embeds.grad[0, 1]
     assert grads["none"].norm() > 1e-3

@@ -97,8 +97,9 @@ def test_stuff_targets_are_one_exactly_on_external_pixels_of_the_class():
     memory = _memory()
     loss_fn = CrossImageLoss(weight=1.0, pixels_per_image=64, alpha=0.25, gamma=2.0,
                              chunk_pixels=7, stride=STRIDE, stuff_classes=STUFF)
+    loss_fn.memory = memory
     loss, (feats, labels, ids) = loss_fn(outputs, _targets(), MATCHING,
-                                         [(GRID, GRID)] * 2, torch.tensor(IMAGE_IDS), memory)
+                                         [(GRID, GRID)] * 2, torch.tensor(IMAGE_IDS))
     loss.backward()
     cells = feats.argmax(1)
     # The sampled pixels carry their cell's ground-truth class and image id.
@@ -112,13 +113,12 @@ def test_stuff_targets_are_one_exactly_on_external_pixels_of_the_class():
 def test_memory_keeps_the_labels_that_give_later_stuff_targets():
     torch.manual_seed(1)
     outputs, _ = _outputs()
-    memory = PixelMemory(capacity=256, dim=DIM)
     loss_fn = CrossImageLoss(weight=1.0, pixels_per_image=32, alpha=0.25, gamma=2.0,
-                             chunk_pixels=0, stride=STRIDE, stuff_classes=STUFF)
+                             chunk_pixels=0, stride=STRIDE, stuff_classes=STUFF,
+                             memory_pixels=256, embed_dim=DIM)
     _, sampled = loss_fn(outputs, _targets(), MATCHING, [(GRID, GRID)] * 2,
-                         torch.tensor(IMAGE_IDS), None)
-    memory.enqueue(*sampled)
-    _, labels, ids = memory.contents()
+                         torch.tensor(IMAGE_IDS))
+    _, labels, ids = loss_fn.memory.contents()
     assert torch.equal(labels, sampled[1]) and torch.equal(ids, sampled[2])
     assert {4, 5} <= set(labels.tolist())
 
@@ -128,8 +128,9 @@ def test_without_stuff_classes_every_target_is_zero():
     outputs, queries = _outputs()
     loss_fn = CrossImageLoss(weight=1.0, pixels_per_image=64, alpha=0.25, gamma=2.0,
                              chunk_pixels=0, stride=STRIDE)
+    loss_fn.memory = _memory()
     loss, _ = loss_fn(outputs, _targets(), MATCHING, [(GRID, GRID)] * 2,
-                      torch.tensor(IMAGE_IDS), _memory())
+                      torch.tensor(IMAGE_IDS))
     loss.backward()
     assert (queries.grad >= 0).all() and (queries.grad > 0).any()
 

@@ -162,15 +162,16 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.incompatible = super()._load_model(checkpoint)
         return self.incompatible
 
-    def unloaded_keys(self, ignore_modules=()) -> List[str]:
+    def unloaded_keys(self) -> List[str]:
         """Model state the last :meth:`load` left untouched (missing or of another shape),
-        except entries of modules of the ``ignore_modules`` types."""
+        except entries of modules that say they are training state (``is_training_state``:
+        the pixel memory, the cross-scene bank), which a run rebuilds as it trains."""
         incompatible = getattr(self, "incompatible", None)
         if incompatible is None:
             return []
         ignored = tuple(
             f"{name}." for name, m in self.model.named_modules()
-            if name and isinstance(m, tuple(ignore_modules))
+            if name and getattr(m, "is_training_state", False)
         )
         keys = list(incompatible.missing_keys)
         keys += [k for k, *_ in incompatible.incorrect_shapes if k not in keys]

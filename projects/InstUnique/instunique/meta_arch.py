@@ -13,8 +13,10 @@ from .objectives import CrossImageLoss, CrossSceneLoss, EquivarianceLoss, PixelM
 from .transforms.build import build_transform_family
 
 _SEGMENTER = "segmenter."
+# Where the pixel memory lives in the module tree; checkpoints name it "memory.".
+_MEMORY = "cross_image.memory."
 # State of InstUnique's own, beside the base model's: the pixel memory, the cross-scene bank.
-_OWN_STATE = ("memory.", "cross_scene.")
+_OWN_STATE = (_MEMORY, "cross_scene.")
 # MODEL.INST_UNIQUE.CROSS_IMAGE.MODE
 CROSS_IMAGE_MODES = ("pixels", "cross_scene")
 # Keys of the loss dict that InstUnique adds to the base segmenter's own.
@@ -45,7 +47,6 @@ class InstUnique(nn.Module):
         segmenter: nn.Module,
         cross_image: Optional[CrossImageLoss],
         equivariance: Optional[EquivarianceLoss],
-        memory: Optional[PixelMemory],
         base_loss_on_paired_view: bool = True,
         cross_scene: Optional[CrossSceneLoss] = None,
         adapter: Optional[SegmenterAdapter] = None,
@@ -56,7 +57,6 @@ class InstUnique(nn.Module):
         self.cross_image = cross_image
         self.cross_scene = cross_scene
         self.equivariance = equivariance
-        self.memory = memory
         self.base_loss_on_paired_view = base_loss_on_paired_view
         self._register_state_dict_hook(_strip_segmenter_prefix)
         self._register_load_state_dict_pre_hook(_add_segmenter_prefix)
@@ -74,7 +74,7 @@ class InstUnique(nn.Module):
             )
         segmenter = META_ARCH_REGISTRY.get(iu.BASE_META_ARCHITECTURE)(base_cfg)
         adapter = build_adapter(segmenter)
-        cross = eq = memory = scene = None
+        cross = eq = scene = None
         _check_nonnegative(cfg)
         if iu.CROSS_IMAGE.MODE not in CROSS_IMAGE_MODES:
             raise ValueError(f"MODEL.INST_UNIQUE.CROSS_IMAGE.MODE must be one of "
@@ -105,26 +105,31 @@ class InstUnique(nn.Module):
                 pixel_gradient=iu.CROSS_IMAGE.PIXEL_GRADIENT,
                 reference=iu.CROSS_IMAGE.REFERENCE,
                 response=None if adapter.linear_response else adapter.pixel_logits,
+                memory_pixels=iu.CROSS_IMAGE.MEMORY_PIXELS,
+                embed_dim=adapter.embed_dim,
                 stuff_classes=(
                     training_stuff_classes(cfg.DATASETS.TRAIN)
                     if iu.CROSS_IMAGE.STUFF_TARGETS else ()
                 ),
             )
-            if iu.CROSS_IMAGE.MEMORY_PIXELS > 0:
-                memory = PixelMemory(iu.CROSS_IMAGE.MEMORY_PIXELS, adapter.embed_dim)
         # Built even when the term is off: the paired-view mapper reads the same keys.
         build_transform_family(cfg)
         if iu.EQUIVARIANCE.ENABLED:
             eq = EquivarianceLoss(weight=iu.EQUIVARIANCE.WEIGHT, stride=adapter.pixel_stride,
                                   matching=iu.EQUIVARIANCE.MATCHING,
                                   class_term=iu.EQUIVARIANCE.CLASS_TERM)
-        return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq, "memory": memory,
+        return {"segmenter": segmenter, "cross_image": cross, "equivariance": eq,
                 "base_loss_on_paired_view": iu.EQUIVARIANCE.BASE_LOSS_ON_PAIRED_VIEW,
                 "cross_scene": scene, "adapter": adapter}
 
     @property
     def device(self):
         return self.segmenter.device
+
+    @property
+    def memory(self) -> Optional[PixelMemory]:
+        """The pixel memory of Eq. 5 (owned by ``cross_image``), or None."""
+        return self.cross_image.memory if self.cross_image is not None else None
 
     def __getattr__(self, name: str):
         # The state_dict names the base model's modules at the top level; resolve those
@@ -178,12 +183,9 @@ class InstUnique(nn.Module):
             image_ids = torch.tensor(
                 [_image_id(x) for x in views], device=outputs.pixel_embeds.device
             )
-            loss, sampled = self.cross_image(
-                outputs, targets, matching, valid_hw, image_ids, self.memory
+            losses["loss_cross_image"], _ = self.cross_image(
+                outputs, targets, matching, valid_hw, image_ids
             )
-            losses["loss_cross_image"] = loss
-            if self.memory is not None:
-                self.memory.enqueue(*sampled)
         if self.cross_scene is not None:
             losses.update(self.cross_scene(self.adapter, outputs, targets))
         return losses
@@ -234,6 +236,8 @@ def _strip_segmenter_prefix(module, state_dict, prefix, local_metadata):
     for key, value in [(k, state_dict.pop(k)) for k in list(state_dict) if k.startswith(prefix)]:
         if key.startswith(prefix + _SEGMENTER):
             key = prefix + key[len(prefix + _SEGMENTER) :]
+        elif key.startswith(prefix + _MEMORY):
+            key = prefix + "memory." + key[len(prefix + _MEMORY) :]
         state_dict[key] = value
     # The modules' state-dict versions move with their keys: a loader that reads them (the
     # official Mask2Former head renames the keys of "version 1" heads) must find them.
@@ -248,6 +252,8 @@ def _strip_segmenter_prefix(module, state_dict, prefix, local_metadata):
 def _add_segmenter_prefix(state_dict, prefix, *args):
     for key, value in [(k, state_dict.pop(k)) for k in list(state_dict) if k.startswith(prefix)]:
         rest = key[len(prefix) :]
-        if not rest.startswith((*_OWN_STATE, _SEGMENTER)):
+        if rest.startswith("memory."):
+            key = prefix + _MEMORY + rest[len("memory.") :]
+        elif not rest.startswith((*_OWN_STATE, _SEGMENTER)):
             key = prefix + _SEGMENTER + rest
         state_dict[key] = value

@@ -23,8 +23,6 @@ from ..data import InstanceViewMapper, PairedViewMapper
 from ..data.datasets import check_dataset
 from ..data.sampler import build_resumable_train_loader
 from ..evaluation import QueryUniquenessEvaluator, build_dataset_evaluators
-from ..objectives.cross_scene import CrossSceneLoss
-from ..objectives.memory import PixelMemory
 from ..rng import STEP, resolve_seed, seed_all
 from ..solver import build_optimizer
 from .finite import at_iteration, install_nonfinite_checks
@@ -243,7 +241,7 @@ def load_for_evaluation(cfg, model, resume: bool = False, command: str = "--eval
             "set MODEL.WEIGHTS to a checkpoint (or TEST.ALLOW_RANDOM_WEIGHTS True)"
         )
     checkpointer.load(path, source=source)
-    unloaded = checkpointer.unloaded_keys(ignore_modules=(PixelMemory, CrossSceneLoss))
+    unloaded = checkpointer.unloaded_keys()
     if unloaded:
         shown = ", ".join(unloaded[:10]) + (f", ... ({len(unloaded)} in all)"
                                             if len(unloaded) > 10 else "")

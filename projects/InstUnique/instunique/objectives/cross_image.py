@@ -110,10 +110,13 @@ class CrossImageLoss(nn.Module):
         hard_negatives: str = "none", hard_threshold: float = 0.8, topk: int = 1,
         normalization: str = "mean", pixel_gradient: str = "none", reference: str = "none",
         response: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+        memory_pixels: int = 0, embed_dim: int = 0,
     ):
         """See the module docstring for the options; a bad one raises ValueError naming
         its MODEL.INST_UNIQUE.CROSS_IMAGE key. ``response``: the logits (R, N) of queries
-        (R, D) on pixel embeddings (N, C); None: the dot product (D == C)."""
+        (R, D) on pixel embeddings (N, C); None: the dot product (D == C).
+        ``memory_pixels``: capacity of the pixel memory of C = ``embed_dim`` channels that
+        this module owns, reads and fills (0: none)."""
         super().__init__()
         _check_options(alpha=alpha, gamma=gamma, queries=queries, loss=loss,
                        temperature=temperature, hard_negatives=hard_negatives,
@@ -122,6 +125,9 @@ class CrossImageLoss(nn.Module):
         if response is not None:
             _check_dot_product_options(pixel_gradient, hard_negatives, reference)
         self.response = response
+        if memory_pixels < 0:
+            raise ValueError(f"{_KEY}MEMORY_PIXELS must be >= 0, got {memory_pixels}")
+        self.memory = PixelMemory(memory_pixels, embed_dim) if memory_pixels > 0 else None
         self.pixel_gradient = pixel_gradient
         self.reference = reference
         self.weight = weight
@@ -176,17 +182,19 @@ class CrossImageLoss(nn.Module):
     def forward(
         self, outputs: SegmenterOutputs, targets: List[dict], matching: Matching,
         valid_hw: List[Tuple[int, int]], image_ids: torch.Tensor,
-        memory: Optional[PixelMemory],
     ):
-        """
+        """The weighted loss, and the pixels sampled from the batch, which then join the
+        memory (in training).
+
         Args:
-            outputs: (B images) pixel_embeds (B, C, H_f, W_f), query_embeds (B, Q, C).
+            outputs: (B images) pixel_embeds (B, C, H_f, W_f), query_embeds (B, Q, D).
             targets, matching: the B images' targets and final-layer matching.
             valid_hw: per image, the unpadded size of its pixel-embedding grid.
             image_ids: (B,) dataset image id of every image (both views share one).
         Returns:
-            the weighted loss and the sampled (feats (B*S, C), labels, image_ids) to enqueue.
+            the loss and the sampled (feats (B*S, C), labels (B*S,), image_ids (B*S,)).
         """
+        memory = self.memory
         f = outputs.pixel_embeds
         b, q, c = outputs.query_embeds.shape
         labels = semantic_label_maps(targets, self.stride, f.shape[-2:])
@@ -223,4 +231,7 @@ class CrossImageLoss(nn.Module):
             grad_rows=feats.shape[0] if batch_grad else 0, response=self.response,
             **self.options,
         )
-        return loss * self.weight, (feats.detach(), pix_cls, pix_ids)
+        sampled = (feats.detach(), pix_cls, pix_ids)
+        if memory is not None and self.training:
+            memory.enqueue(*sampled)
+        return loss * self.weight, sampled

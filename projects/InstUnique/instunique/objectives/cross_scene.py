@@ -30,6 +30,8 @@ class CrossSceneLoss(nn.Module):
     """The term and its bank of one batch (checkpointed with the model, so a resumed run
     decodes on what the uninterrupted one would have)."""
 
+    is_training_state = True  # the bank (see PixelMemory)
+
     def __init__(self, *, weight: float):
         super().__init__()
         self.weight = weight

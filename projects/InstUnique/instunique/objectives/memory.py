@@ -15,6 +15,10 @@ class PixelMemory(nn.Module):
     replicas hold identical queues.
     """
 
+    #: state a run builds while it trains, not weights: a checkpoint without it still loads
+    #: for evaluation (``AtomicCheckpointer.unloaded_keys``).
+    is_training_state = True
+
     def __init__(self, capacity: int, dim: int):
         super().__init__()
         if capacity < 0:
