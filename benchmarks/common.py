@@ -17,7 +17,7 @@ from detectron2.utils.events import EventStorage
 
 import instunique
 from instunique.data import PairedViewMapper
-from instunique.data.datasets import prepare_dataset
+from instunique.data.datasets import check_dataset
 from instunique.engine import term_clipping
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def load_config(path: str, opts=()):
 
 def dataset_dicts(name: str):
     """The dataset dicts of ``name``, generating the built-in data on first use."""
-    prepare_dataset(name)
+    check_dataset(name)
     return DatasetCatalog.get(name)
 
 

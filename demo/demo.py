@@ -39,7 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import instunique  # noqa: E402
-from instunique.data.datasets import prepare_dataset  # noqa: E402
+from instunique.data.datasets import check_dataset  # noqa: E402
 from instunique.data.user_datasets import setup_user_datasets  # noqa: E402
 from instunique.transforms import AffineWarp, TransformFamily  # noqa: E402
 from instunique.transforms.build import build_transform_family  # noqa: E402
@@ -257,7 +257,7 @@ def _read(path: str) -> np.ndarray:
 def _items(args: argparse.Namespace) -> List[Item]:
     """Every image of the source, in order (--max-images limits the pictures, not these)."""
     if args.dataset:
-        prepare_dataset(args.dataset)
+        check_dataset(args.dataset)
         dicts = DatasetCatalog.get(args.dataset)
         if not dicts:
             raise ValueError(f"dataset {args.dataset!r} has no images")

@@ -7,7 +7,7 @@ from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Instances
 
-from instunique.data.datasets import prepare_dataset
+from instunique.data.datasets import check_dataset
 from instunique.data.shapes import register_shapes
 
 
@@ -16,7 +16,7 @@ def val_name(tmp_path_factory):
     root = tmp_path_factory.mktemp("d2data")
     register_shapes(str(root), prefix="t_shapes_eval", num_train=1, num_val=8)
     name = "t_shapes_eval_val"
-    prepare_dataset(name)  # COCOEvaluator opens metadata.json_file when built
+    check_dataset(name)  # COCOEvaluator opens metadata.json_file when built
     return name
 
 

@@ -158,9 +158,10 @@ class MetaArchAdapter(SegmenterAdapter):
     terms) -> (losses, matching)``. A subclass says which module's output is ``raw``
     (``output_module``) and how ``raw`` maps to SegmenterOutputs (``outputs``)."""
 
-    @abstractmethod
-    def output_module(self) -> nn.Module:
-        """The submodule whose forward returns ``predict``'s raw structure."""
+    def output_module(self) -> Optional[nn.Module]:
+        """The submodule whose forward returns ``predict``'s raw structure; None where no
+        single module does (then ``watch_inference`` cannot watch)."""
+        return None
 
     @abstractmethod
     def outputs(self, raw: Dict) -> SegmenterOutputs:
@@ -176,11 +177,15 @@ class MetaArchAdapter(SegmenterAdapter):
         return self.outputs(self.model.predict(images))
 
     def watch_inference(self, callback):
+        module = self.output_module()
+        if module is None:
+            return None
+
         def hook(module, inputs, raw):
             if not module.training:
                 callback(self.outputs(raw))
 
-        return self.output_module().register_forward_hook(hook)
+        return module.register_forward_hook(hook)
 
     def base_losses(self, raw, targets, pixel_valid=None, matching=None, mask_only=False):
         return self.model.losses(

@@ -10,7 +10,7 @@ imported; COCO panoptic with semantic PNGs (Mask2Former's names, ``coco_2017_*_p
 with_sem_seg``) by :mod:`.coco_panoptic_semseg` when :func:`check_dataset` first meets them
 and no one else (the official mask2former package) has registered them.
 
-Training and evaluation should call :func:`prepare_dataset` on every dataset they use
+Training and evaluation should call :func:`check_dataset` on every dataset they use
 before building loaders or evaluators: it turns "file not found deep inside a worker"
 into one message naming the dataset and the expected layout, and it materializes the
 synthetic data (COCOEvaluator opens ``metadata.json_file`` when it is built).

@@ -196,7 +196,8 @@ class CrossImageLoss(nn.Module):
         """
         memory = self.memory
         f = outputs.pixel_embeds
-        b, q, c = outputs.query_embeds.shape
+        b, q, d = outputs.query_embeds.shape
+        c = f.shape[1]
         labels = semantic_label_maps(targets, self.stride, f.shape[-2:])
         batch_grad = self.pixel_gradient == "batch"
         feats, pix_cls = sample_pixels(f if batch_grad else f.detach(), labels, valid_hw,
@@ -207,7 +208,7 @@ class CrossImageLoss(nn.Module):
         if memory is not None and len(memory) > 0:
             mem_feats, mem_cls, mem_ids = memory.contents()
             external = tuple(torch.cat(p) for p in zip(external, (mem_feats, mem_cls, mem_ids)))
-        query_embeds = outputs.query_embeds.reshape(b * q, c)
+        query_embeds = outputs.query_embeds.reshape(b * q, d)
         query_ids = image_ids.repeat_interleave(q)
         query_cls = self.query_stuff_classes(targets, matching, (b, q)).reshape(-1)
         if self.reference == "own_instance":
