@@ -169,10 +169,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
         incompatible = getattr(self, "incompatible", None)
         if incompatible is None:
             return []
-        ignored = tuple(
-            f"{name}." for name, m in self.model.named_modules()
-            if name and getattr(m, "is_training_state", False)
-        )
+        modules = [(name, m) for name, m in self.model.named_modules()
+                   if name and getattr(m, "is_training_state", False)]
+        # By module path, and by tensor: a model may save a module's state under other
+        # names (InstUnique saves cross_image.memory.* as memory.*).
+        prefixes = tuple(f"{name}." for name, _ in modules)
+        tensors = {id(t) for _, m in modules for t in m.state_dict(keep_vars=True).values()
+                   if isinstance(t, torch.Tensor)}
+        renamed = {k for k, t in self.model.state_dict(keep_vars=True).items()
+                   if id(t) in tensors}
         keys = list(incompatible.missing_keys)
         keys += [k for k, *_ in incompatible.incorrect_shapes if k not in keys]
-        return [k for k in keys if not k.startswith(ignored)]
+        return [k for k in keys if not k.startswith(prefixes) and k not in renamed]
