@@ -7,6 +7,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .backbones.config import add_efficientnet_config, add_timm_backbone_config
+from .segmenters.condinst.config import add_condinst_config
 from .segmenters.mask2former.config import add_mask2former_config
 from .segmenters.sparseinst.config import add_sparseinst_config
 
@@ -15,6 +16,7 @@ def add_instunique_config(cfg):
     """Add every key InstUnique and its base segmenters read to ``cfg`` (in place)."""
     add_mask2former_config(cfg)
     add_sparseinst_config(cfg)
+    add_condinst_config(cfg)
     add_timm_backbone_config(cfg)
     add_efficientnet_config(cfg)
 

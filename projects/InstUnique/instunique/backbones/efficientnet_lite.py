@@ -165,7 +165,11 @@ class EfficientNetLite0(Backbone):
         return 32
 
 
-def _build(cfg, out_features: Sequence[str], input_shape: Optional[ShapeSpec]):
+def build_efficientnet_lite0_trunk(cfg, out_features: Sequence[str],
+                                   input_shape: Optional[ShapeSpec]) -> "EfficientNetLite0":
+    """The EfficientNet-Lite0 trunk with outputs ``out_features``, weights loaded as
+    MODEL.EFFICIENTNET.WEIGHTS says, stages frozen as MODEL.BACKBONE.FREEZE_AT (for FPN
+    builders: ours, FCOS's)."""
     from .efficientnet_lite_weights import load_pretrained
 
     channels = input_shape.channels if input_shape is not None else 3
@@ -183,7 +187,7 @@ def _build(cfg, out_features: Sequence[str], input_shape: Optional[ShapeSpec]):
 def build_efficientnet_lite0_backbone(cfg, input_shape: Optional[ShapeSpec] = None):
     """MODEL.BACKBONE.NAME "build_efficientnet_lite0_backbone": the trunk with outputs
     MODEL.EFFICIENTNET.OUT_FEATURES, which the pixel decoders read."""
-    return _build(cfg, cfg.MODEL.EFFICIENTNET.OUT_FEATURES, input_shape)
+    return build_efficientnet_lite0_trunk(cfg, cfg.MODEL.EFFICIENTNET.OUT_FEATURES, input_shape)
 
 
 @BACKBONE_REGISTRY.register()
@@ -191,7 +195,7 @@ def build_efficientnet_lite0_fpn_backbone(cfg, input_shape: Optional[ShapeSpec] 
     """MODEL.BACKBONE.NAME "build_efficientnet_lite0_fpn_backbone": the trunk's
     MODEL.FPN.IN_FEATURES under detectron2's FPN (p2..p6, as build_resnet_fpn_backbone),
     for detectron2's Mask R-CNN."""
-    bottom_up = _build(cfg, cfg.MODEL.FPN.IN_FEATURES, input_shape)
+    bottom_up = build_efficientnet_lite0_trunk(cfg, cfg.MODEL.FPN.IN_FEATURES, input_shape)
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,

@@ -1,5 +1,6 @@
 """Base segmenters InstUnique can train, each with its adapter."""
 from . import (
+    condinst,  # noqa: F401
     mask2former,  # noqa: F401
     sparseinst,  # noqa: F401
 )

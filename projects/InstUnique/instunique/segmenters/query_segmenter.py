@@ -1,6 +1,9 @@
-"""What the query-based base segmenters share: one forward over their four steps."""
+"""What the query-based base segmenters share: one forward over their four steps, and the
+ground-truth masks of an image whatever their container."""
 from typing import Dict, List
 
+import torch
+from detectron2.structures import BitMasks, PolygonMasks
 from torch import nn
 
 
@@ -21,3 +24,31 @@ class QuerySegmenter(nn.Module):
         if self.training:
             return self.losses(outputs, self.prepare_targets(batched_inputs, images))[0]
         return self.inference(outputs, batched_inputs, images)
+
+
+def gt_mask_tensor(inst, size, where: str) -> torch.Tensor:
+    """(M, h, w) bool masks of an image's Instances, whatever their container."""
+    h, w = size
+    if not inst.has("gt_masks"):
+        if len(inst):
+            raise ValueError(f"{where}: {len(inst)} instances without gt_masks")
+        return torch.zeros((0, h, w), dtype=torch.bool)
+    gt = inst.gt_masks
+    if isinstance(gt, PolygonMasks):
+        masks = BitMasks.from_polygon_masks(gt, h, w).tensor if len(gt) else torch.zeros(
+            (0, h, w), dtype=torch.bool)
+    elif isinstance(gt, BitMasks):
+        masks = gt.tensor
+    elif isinstance(gt, torch.Tensor) and gt.dim() == 3:
+        masks = gt.bool()
+    else:
+        raise ValueError(
+            f"{where}: gt_masks must be BitMasks, PolygonMasks or an (M, H, W) tensor, got "
+            f"{type(gt).__name__}"
+        )
+    if tuple(masks.shape[-2:]) != (h, w) or len(masks) != len(inst):
+        raise ValueError(
+            f"{where}: gt_masks of shape {tuple(masks.shape)} do not fit {len(inst)} "
+            f"instances of an image of size {(h, w)}"
+        )
+    return masks

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from ...adapter import check_targets
 from ...distributed import average_num_masks
+from ..registry import lookup
 from .matcher import DICE_EPS, build_sparseinst_matcher, resize_to
-from .registry import lookup
 
 SPARSE_INST_CRITERION_REGISTRY = Registry("SPARSE_INST_CRITERION")
 SPARSE_INST_CRITERION_REGISTRY.__doc__ = """

@@ -13,7 +13,7 @@ from detectron2.utils.registry import Registry
 from fvcore.nn.weight_init import c2_msra_fill, c2_xavier_fill
 from torch import nn
 
-from .registry import lookup
+from ..registry import lookup
 
 SPARSE_INST_ENCODER_REGISTRY = Registry("SPARSE_INST_ENCODER")
 SPARSE_INST_ENCODER_REGISTRY.__doc__ = """

@@ -5,15 +5,15 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import BitMasks, ImageList, PolygonMasks
+from detectron2.structures import ImageList
 from torch import nn
 
-from ..query_segmenter import QuerySegmenter
+from ..query_segmenter import QuerySegmenter, gt_mask_tensor
+from ..registry import lookup
 from .criterion import build_sparseinst_criterion
 from .decoder import build_sparseinst_decoder
 from .encoder import build_sparseinst_encoder
 from .inference import sparseinst_inference
-from .registry import lookup
 
 # The encoder's top-down path doubles stride-32 maps to stride 16 and 8: inputs padded to
 # a multiple of 32 keep the levels aligned (the official code pads to 32 too).
@@ -101,7 +101,7 @@ class SparseInst(QuerySegmenter):
                     f"{where}: gt_classes {labels.tolist()} outside [0, {self.num_classes}) "
                     f"(MODEL.SPARSE_INST.DECODER.NUM_CLASSES)"
                 )
-            masks = _mask_tensor(inst, (h, w), where)
+            masks = gt_mask_tensor(inst, (h, w), where)
             padded = torch.zeros((len(masks), h_pad, w_pad), dtype=torch.bool, device=self.device)
             padded[:, :h, :w] = masks.to(self.device)
             targets.append({"labels": labels.to(self.device), "masks": padded})
@@ -128,31 +128,3 @@ class SparseInst(QuerySegmenter):
                 self.max_detections,
             )})
         return results
-
-
-def _mask_tensor(inst, size, where: str) -> torch.Tensor:
-    """(M, h, w) bool masks of an image's Instances, whatever their container."""
-    h, w = size
-    if not inst.has("gt_masks"):
-        if len(inst):
-            raise ValueError(f"{where}: {len(inst)} instances without gt_masks")
-        return torch.zeros((0, h, w), dtype=torch.bool)
-    gt = inst.gt_masks
-    if isinstance(gt, PolygonMasks):
-        masks = BitMasks.from_polygon_masks(gt, h, w).tensor if len(gt) else torch.zeros(
-            (0, h, w), dtype=torch.bool)
-    elif isinstance(gt, BitMasks):
-        masks = gt.tensor
-    elif isinstance(gt, torch.Tensor) and gt.dim() == 3:
-        masks = gt.bool()
-    else:
-        raise ValueError(
-            f"{where}: gt_masks must be BitMasks, PolygonMasks or an (M, H, W) tensor, got "
-            f"{type(gt).__name__}"
-        )
-    if tuple(masks.shape[-2:]) != (h, w) or len(masks) != len(inst):
-        raise ValueError(
-            f"{where}: gt_masks of shape {tuple(masks.shape)} do not fit {len(inst)} "
-            f"instances of an image of size {(h, w)}"
-        )
-    return masks
