@@ -84,7 +84,8 @@ def dynamic_mask_logits(
 
     The first layer is applied as w[:, :, 2:] @ feats + w[:, :, :2] @ rel + b: the same
     sum as the conv over the concatenated input, without materialising R copies of
-    shared features. Computed in the dtype of ``pixel_feats``.
+    shared features or the (R, 2, N) relative coordinates. Computed in the dtype of
+    ``pixel_feats``.
     """
     if pixel_feats.dim() != 3 or pixel_feats.shape[0] not in (1, params.shape[0]):
         raise ValueError(
@@ -94,18 +95,23 @@ def dynamic_mask_logits(
     r, (_, c, n) = params.shape[0], pixel_feats.shape
     weights, biases = split_dynamic_params(params.to(pixel_feats.dtype), c, channels,
                                            num_layers, rel_coords)
-    w0 = weights[0]
-    w_feat = w0[:, :, 2:] if rel_coords else w0
-    if pixel_feats.shape[0] == 1:
-        # One GEMM for every instance: (R * c1, C) @ (C, N).
-        x = (w_feat.reshape(-1, c) @ pixel_feats[0]).reshape(r, -1, n)
-    else:
-        x = torch.bmm(w_feat, pixel_feats)
+    w0, bias0 = weights[0], biases[0][:, :, None]  # (R, c1, C (+ 2)), (R, c1, 1)
+    w_feat, feats = (w0[:, :, 2:] if rel_coords else w0), pixel_feats
     if rel_coords:
-        rel = relative_coords(instance_locations.to(pixel_feats.dtype), soi,
-                              pixel_locations.to(pixel_feats.dtype))
-        x = x + torch.bmm(w0[:, :, :2], rel)
-    x = x + biases[0][:, :, None]
+        # w_rel (loc - p) / soi = w_rel loc / soi + (-w_rel / soi) p: the pixel part joins
+        # the features' product as two more input rows, the instance part the bias, so no
+        # (R, 2, N) tensor of relative coordinates exists.
+        w_rel = w0[:, :, :2] / soi.to(w0.dtype)[:, None, None]  # (R, c1, 2)
+        bias0 = bias0 + torch.bmm(w_rel, instance_locations.to(w0.dtype)[:, :, None])
+        w_feat = torch.cat([-w_rel, w_feat], 2)
+        coords = pixel_locations.to(w0.dtype).t()[None].expand(len(feats), -1, -1)
+        feats = torch.cat([coords, feats], 1)  # (R or 1, 2 + C, N)
+    if feats.shape[0] == 1:
+        # One GEMM for every instance: (R * c1, C') @ (C', N).
+        x = torch.addmm(bias0.reshape(-1, 1), w_feat.reshape(r * w0.shape[1], -1), feats[0])
+        x = x.reshape(r, -1, n)
+    else:
+        x = torch.baddbmm(bias0, w_feat, feats)
     for w, b in zip(weights[1:], biases[1:]):
         x = torch.baddbmm(b[:, :, None], w, x.relu())
     return x[:, 0]
