@@ -3,13 +3,21 @@ ground-truth masks of an image whatever their container."""
 from typing import Dict, List
 
 import torch
-from detectron2.structures import BitMasks, PolygonMasks
+from detectron2.structures import BitMasks, ImageList, PolygonMasks
 from torch import nn
 
 
 class QuerySegmenter(nn.Module):
     """A meta-architecture made of ``preprocess_image``, ``predict``, ``prepare_targets``,
-    ``losses`` and ``inference``; the InstUnique adapters call the same steps one by one."""
+    ``losses`` and ``inference``; the InstUnique adapters call the same steps one by one.
+    A subclass holds ``pixel_mean`` / ``pixel_std`` buffers (C, 1, 1) and an int
+    ``size_divisibility``."""
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        """Normalized images, padded to a common size divisible by ``size_divisibility``."""
+        images = [(x["image"].to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
         """

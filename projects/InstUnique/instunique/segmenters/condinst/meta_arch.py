@@ -165,12 +165,6 @@ class CondInst(QuerySegmenter):
 
     # ------------------------------------------------------------------ the four steps
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalized images padded to a common size divisible by 32."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility)
-
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         """Per image: ``labels`` (M,) long, ``masks`` (M, H_pad, W_pad) bool padded like
         the image, and ``boxes`` (M, 4) XYXY: the instances' ``gt_boxes`` where they have

@@ -109,12 +109,6 @@ class Mask2Former(QuerySegmenter):
     def device(self):
         return self.pixel_mean.device
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalized images padded to a common size divisible by ``size_divisibility``."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility)
-
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         """Per image: ``labels`` (N,) and bool ``masks`` (N, H_pad, W_pad) padded like the image.
 

@@ -81,12 +81,6 @@ class SparseInst(QuerySegmenter):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
-    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
-        """Normalized images padded to a common size divisible by 32."""
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
-                  for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility)
-
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         """Per image: ``labels`` (M,) and ``masks`` (M, H_pad, W_pad) bool, padded like the
         image. ``gt_masks`` may be BitMasks, PolygonMasks or an (M, H, W) bool tensor."""
