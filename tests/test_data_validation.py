@@ -95,6 +95,9 @@ def test_annotations_without_a_mask_are_dropped_with_their_ids(tmp_path, caplog)
         validate_datasets(_cfg(tmp_path, train=[name]))
     assert (f"dataset {name!r}: dropped 2 of 4 annotations without 'segmentation' (no mask); "
             "annotation ids: 2, 4") in _warnings(caplog)
+    cleaned = os.path.join(str(tmp_path), "out", CLEANED_DIR, f"{name}.json")
+    assert (f"Dataset {name!r} is registered again, with its cleaned copy "
+            f"{os.path.abspath(cleaned)}") in _warnings(caplog)
     # The loader gets the kept annotations only, from a cleaned copy of the JSON.
     records = DatasetCatalog.get(name)
     assert [len(r["annotations"]) for r in records] == [1, 1]

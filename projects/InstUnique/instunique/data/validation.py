@@ -232,6 +232,9 @@ def _validate_coco_json(cfg, name: str, skip: bool) -> None:
         path = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, CLEANED_DIR, f"{name}.json"))
         _write_json(path, coco)
         _reregister_coco(name, path)
+        logger.warning(f"Dataset {name!r} is registered again, with its cleaned copy {path} "
+                       f"({len(records) - len(kept)} images left out): training and "
+                       f"evaluation read it from here on")
 
 
 def _validate_dicts(cfg, name: str, skip: bool) -> None:
@@ -248,6 +251,8 @@ def _validate_dicts(cfg, name: str, skip: bool) -> None:
     if changed or len(kept) < len(records):
         DatasetCatalog.remove(name)
         DatasetCatalog.register(name, lambda: copy.deepcopy(kept))
+        logger.warning(f"Dataset {name!r} is registered again with its cleaned dicts "
+                       f"({len(records) - len(kept)} images left out) for this run")
 
 
 def validate_dataset(cfg, name: str) -> None:
