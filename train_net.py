@@ -11,10 +11,11 @@ import os
 # "A busy machine"). Read when torch loads its OpenMP runtime, so before any import of it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 
 from instunique import load_config
 from instunique.data.prepare import prepare_datasets
+from instunique.engine.run_logging import setup_run
 from instunique.engine.trainer import Trainer, check_device, load_for_evaluation
 
 
@@ -24,7 +25,7 @@ def setup(args):
     # Registers DATASETS.REGISTER, generates built-in data, validates it; may set NUM_CLASSES.
     prepare_datasets(cfg, train=not args.eval_only)
     cfg.freeze()
-    default_setup(cfg, args)
+    setup_run(cfg, args)  # detectron2's default_setup, our logger too, each line once
     return cfg
 
 

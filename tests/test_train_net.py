@@ -222,3 +222,26 @@ def test_openmp_threads_sleep_unless_the_user_says_otherwise(preset, expected):
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == expected
+
+
+def test_each_log_line_once_and_the_project_logger_reaches_the_log(tiny_shapes, tmp_path):
+    """Three runs set up in one process (a notebook, a benchmark): each line is printed and
+    written once, and the project's own logger (the uniqueness table) is heard too."""
+    import logging
+
+    for k in range(3):
+        out = tmp_path / f"run{k}"
+        train_net.setup(_args(out, "SOLVER.MAX_ITER", 1))
+    for name in ("detectron2", "instunique"):
+        # One to the terminal, one to this run's log.txt (detectron2 writes both as streams).
+        files = [getattr(h.stream, "name", "") for h in logging.getLogger(name).handlers]
+        assert len(files) == 2 and str(out / "log.txt") in files, (name, files)
+    logging.getLogger("detectron2.test").info("detectron2 line")
+    logging.getLogger("instunique.test").info("instunique line")
+    for handler in logging.getLogger("detectron2").handlers:
+        handler.flush()
+    with open(out / "log.txt") as f:
+        text = f.read()
+    assert text.count("detectron2 line") == 1 and text.count("instunique line") == 1
+    with open(tmp_path / "run0" / "log.txt") as f:
+        assert "detectron2 line" not in f.read()
