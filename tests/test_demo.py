@@ -126,11 +126,36 @@ def test_comparison_rows_with_ground_truth(images, weights, tmp_path):
     assert _differ(baseline, ours) > 0.1
 
 
-def _demo_log(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == "instunique.demo"]
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def clear(self):
+        self.records = []
 
 
-def test_overlays_follow_the_inputs_and_log_what_they_draw(images, weights, tmp_path, caplog):
+@pytest.fixture
+def demo_log():
+    """The demo logger's records, heard on the logger itself: after a run's setup_logger
+    the "instunique" loggers need not propagate to the root, where caplog listens."""
+    logger, handler = logging.getLogger("instunique.demo"), _Records()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def _demo_log(log):
+    return [r.getMessage() for r in log.records]
+
+
+def test_overlays_follow_the_inputs_and_log_what_they_draw(images, weights, tmp_path, demo_log):
     """Recursive globs; output names, formats and sizes those of the inputs; one log line
     per image with the number of instances drawn, or why there is none."""
     source = _rgb(images[0])
@@ -141,7 +166,6 @@ def test_overlays_follow_the_inputs_and_log_what_they_draw(images, weights, tmp_
     cv2.imwrite(str(inputs / "sub" / "deeper" / "c.png"), source[:, :100, ::-1])
     (inputs / "sub" / "notes.txt").write_text("not an image")
 
-    caplog.set_level(logging.INFO, logger="instunique.demo")
     out_dir = tmp_path / "out"
     out = _run("--input", str(inputs / "**" / "*.png"), str(inputs), "--output", str(out_dir),
                "--confidence-threshold", "0", weights_path=weights[0])
@@ -153,18 +177,18 @@ def test_overlays_follow_the_inputs_and_log_what_they_draw(images, weights, tmp_
         assert picture.shape == (*shape, 3) and picture.std() > 10, path
         with open(path, "rb") as f:
             assert f.read(len(magic)) == magic, path
-    lines = _demo_log(caplog)
+    lines = _demo_log(demo_log)
     assert len(lines) == 3
     # --confidence-threshold 0 draws every detection (TEST.DETECTIONS_PER_IMAGE of them).
     assert all(re.search(r"\[\d/3\] .*: 8 instances drawn -> ", line) for line in lines)
 
-    caplog.clear()
+    demo_log.clear()
     target = str(tmp_path / "one.webp")
     assert _run("--input", images[0], "--output", target, "--confidence-threshold", "1.01",
                 weights_path=weights[0]) == [target]
     assert cv2.imread(target).shape == (SIZE, SIZE, 3)
     # Nothing scores above 1: the picture is the image, and the log says why.
-    [line] = _demo_log(caplog)
+    [line] = _demo_log(demo_log)
     assert re.search(r"nothing drawn: no instance scores >= 1\.01 \(highest 0\.\d\d\)", line)
 
 
@@ -318,19 +342,18 @@ def _frames(path):
     return frames
 
 
-def test_video_keeps_size_and_container(images, weights, tmp_path, caplog):
+def test_video_keeps_size_and_container(images, weights, tmp_path, demo_log):
     video = str(tmp_path / "clip.avi")
     writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 90))
     for path in images:
         writer.write(cv2.resize(cv2.imread(path), (160, 90)))
     writer.release()
-    caplog.set_level(logging.INFO, logger="instunique.demo")
     out = _run("--video-input", video, "--max-images", "2", "--confidence-threshold", "0",
                "--output", str(tmp_path / "vid"), weights_path=weights[0])
     assert out == [str(tmp_path / "vid" / "clip.avi")]
     frames = _frames(out[0])
     assert len(frames) == 2 and frames[0].shape == (90, 160, 3)
-    lines = _demo_log(caplog)
+    lines = _demo_log(demo_log)
     assert [line.split(": ")[0] for line in lines[:2]] == [f"{video} frame 1/2",
                                                          f"{video} frame 2/2"]
     assert all("8 instances drawn" in line for line in lines[:2])
