@@ -13,6 +13,29 @@ class QuerySegmenter(nn.Module):
     A subclass holds ``pixel_mean`` / ``pixel_std`` buffers (C, 1, 1) and an int
     ``size_divisibility``."""
 
+    def mask_targets(self, batched_inputs: List[Dict], images: ImageList,
+                     num_classes_key: str) -> List[Dict]:
+        """Per image ``{"labels": (M,) long, "masks": (M, H_pad, W_pad) bool}``, the masks
+        padded like the image; gt_classes outside [0, ``self.num_classes``) fail naming
+        the image and ``num_classes_key``."""
+        h_pad, w_pad = images.tensor.shape[-2:]
+        device = self.pixel_mean.device
+        targets = []
+        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+            inst = x["instances"]
+            where = f"image_id {x.get('image_id', '?')!r}"
+            labels = inst.gt_classes
+            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+                raise ValueError(
+                    f"{where}: gt_classes {labels.tolist()} outside [0, {self.num_classes}) "
+                    f"({num_classes_key})"
+                )
+            masks = gt_mask_tensor(inst, (h, w), where)
+            padded = torch.zeros((len(masks), h_pad, w_pad), dtype=torch.bool, device=device)
+            padded[:, :h, :w] = masks.to(device)
+            targets.append({"labels": labels.to(device), "masks": padded})
+        return targets
+
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalized images, padded to a common size divisible by ``size_divisibility``."""
         images = [(x["image"].to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std

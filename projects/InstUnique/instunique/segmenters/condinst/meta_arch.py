@@ -23,7 +23,7 @@ from detectron2.utils.registry import Registry
 from torch import Tensor, nn
 
 from ...adapter import check_targets
-from ..query_segmenter import QuerySegmenter, gt_mask_tensor
+from ..query_segmenter import QuerySegmenter
 from ..registry import lookup
 from .dynamic_head import DynamicMaskHead
 from .fcos_head import FCOS
@@ -171,25 +171,11 @@ class CondInst(QuerySegmenter):
         them (as AdelaiDet's FCOS), else the masks' bounding boxes. ``gt_masks`` may be
         BitMasks, PolygonMasks or an (M, H, W) tensor. ``losses`` takes targets without
         ``boxes`` too (then from the masks): drop ``boxes`` when transforming masks."""
-        h_pad, w_pad = images.tensor.shape[-2:]
-        targets = []
-        for x, (h, w) in zip(batched_inputs, images.image_sizes):
+        targets = self.mask_targets(batched_inputs, images, "MODEL.FCOS.NUM_CLASSES")
+        for x, t in zip(batched_inputs, targets):
             inst = x["instances"]
-            where = f"image_id {x.get('image_id', '?')!r}"
-            labels = inst.gt_classes
-            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
-                raise ValueError(
-                    f"{where}: gt_classes {labels.tolist()} outside [0, {self.num_classes}) "
-                    f"(MODEL.FCOS.NUM_CLASSES)"
-                )
-            masks = gt_mask_tensor(inst, (h, w), where).to(self.device)
-            padded = torch.zeros((len(masks), h_pad, w_pad), dtype=torch.bool, device=self.device)
-            padded[:, :h, :w] = masks
-            if inst.has("gt_boxes"):
-                boxes = inst.gt_boxes.tensor.to(self.device, torch.float32)
-            else:
-                boxes = masks_to_boxes(masks)
-            targets.append({"labels": labels.to(self.device), "masks": padded, "boxes": boxes})
+            t["boxes"] = (inst.gt_boxes.tensor.to(self.device, torch.float32)
+                          if inst.has("gt_boxes") else masks_to_boxes(t["masks"]))
         return targets
 
     def predict(self, images: ImageList) -> Dict[str, Tensor]:

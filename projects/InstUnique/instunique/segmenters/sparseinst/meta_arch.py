@@ -8,7 +8,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_bac
 from detectron2.structures import ImageList
 from torch import nn
 
-from ..query_segmenter import QuerySegmenter, gt_mask_tensor
+from ..query_segmenter import QuerySegmenter
 from ..registry import lookup
 from .criterion import build_sparseinst_criterion
 from .decoder import build_sparseinst_decoder
@@ -84,22 +84,7 @@ class SparseInst(QuerySegmenter):
     def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
         """Per image: ``labels`` (M,) and ``masks`` (M, H_pad, W_pad) bool, padded like the
         image. ``gt_masks`` may be BitMasks, PolygonMasks or an (M, H, W) bool tensor."""
-        h_pad, w_pad = images.tensor.shape[-2:]
-        targets = []
-        for x, (h, w) in zip(batched_inputs, images.image_sizes):
-            inst = x["instances"]
-            where = f"image_id {x.get('image_id', '?')!r}"
-            labels = inst.gt_classes
-            if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
-                raise ValueError(
-                    f"{where}: gt_classes {labels.tolist()} outside [0, {self.num_classes}) "
-                    f"(MODEL.SPARSE_INST.DECODER.NUM_CLASSES)"
-                )
-            masks = gt_mask_tensor(inst, (h, w), where)
-            padded = torch.zeros((len(masks), h_pad, w_pad), dtype=torch.bool, device=self.device)
-            padded[:, :h, :w] = masks.to(self.device)
-            targets.append({"labels": labels.to(self.device), "masks": padded})
-        return targets
+        return self.mask_targets(batched_inputs, images, "MODEL.SPARSE_INST.DECODER.NUM_CLASSES")
 
     def predict(self, images: ImageList) -> Dict[str, torch.Tensor]:
         """Raw decoder outputs of a padded batch (see ``GroupIAMDecoder.forward``)."""
