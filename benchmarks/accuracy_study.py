@@ -38,6 +38,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import yaml
 from scipy import stats
 
 from common import ROOT, load_config, machine
@@ -60,7 +61,9 @@ def read_run(out_dir, task=("segm", METRICS)):
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     final = [r for r in records if f"{group}/{names[0]}" in r]
-    if not final:
+    # An evaluation during training (TEST.EVAL_PERIOD) is not the run's result: the run is
+    # finished only once its last iteration has been evaluated.
+    if not final or final[-1]["iteration"] + 1 < _run_length(out_dir):
         return None
     train = [r for r in records if "total_loss" in r]
     tail = train[-max(1, len(train) // 10):]
@@ -83,6 +86,12 @@ def read_run(out_dir, task=("segm", METRICS)):
         "iterations": final[-1]["iteration"] + 1,
         "final_losses": losses,
     }
+
+
+def _run_length(out_dir):
+    """SOLVER.MAX_ITER of the run, from the config detectron2 saved in its output folder."""
+    with open(os.path.join(out_dir, "config.yaml")) as f:
+        return yaml.safe_load(f)["SOLVER"]["MAX_ITER"]
 
 
 def run_arm(config, opts, seed, out_dir, threads, task):

@@ -1,5 +1,6 @@
 """Every arm of the accuracy studies names a config and overrides that merge: a mistyped key
 or value would otherwise surface only when its (hours-long) study reaches that arm."""
+import json
 import os
 import sys
 
@@ -35,3 +36,20 @@ def test_arm_names_are_unique_within_a_study():
     for study, arms in accuracy_study.STUDIES.items():
         names = [accuracy_study.slug(arm) for arm, _, _ in arms]
         assert len(names) == len(set(names)), study
+
+
+def test_a_run_evaluated_part_way_is_not_read_as_finished(tmp_path):
+    # With TEST.EVAL_PERIOD a run writes AP before its end; a study restarted then must
+    # resume that run, not report its intermediate AP as the result.
+    (tmp_path / "config.yaml").write_text("SOLVER:\n  MAX_ITER: 1200\n")
+    records = [{"iteration": 599, "total_loss": 2.0, "loss_ce": 1.0},
+               {"iteration": 599, **{f"segm/{m}": 10.0 for m in accuracy_study.METRICS}}]
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert accuracy_study.read_run(str(tmp_path)) is None
+
+    records += [{"iteration": 1199, "total_loss": 1.0, "loss_ce": 0.5},
+                {"iteration": 1199, **{f"segm/{m}": 20.0 for m in accuracy_study.METRICS}}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = accuracy_study.read_run(str(tmp_path))
+    assert run["metrics"]["AP"] == 20.0 and run["iterations"] == 1200
