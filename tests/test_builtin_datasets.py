@@ -10,11 +10,11 @@ import pycocotools.mask as mask_util
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from instunique.data.blobs import BLOBS
 from instunique.data.datasets import check_dataset
-from instunique.data.shapes import SHAPES, SHAPES_CROWD
-from instunique.data.shapes_diverse import SHAPES_DIVERSE
-from instunique.data.synthetic import (
+from instunique.data.synthetic.blobs import BLOBS
+from instunique.data.synthetic.shapes import SHAPES, SHAPES_CROWD
+from instunique.data.synthetic.shapes_diverse import SHAPES_DIVERSE
+from instunique.data.synthetic.spec import (
     dataset_paths,
     ensure_splits,
     generate_split,

@@ -8,7 +8,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Instances
 
 from instunique.data.datasets import check_dataset
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 from instunique.transforms import AffineWarp
 from instunique.visualization import (
     caption_height,

@@ -7,7 +7,7 @@ import torch
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 
 from utils import CONFIGS, ROOT, tiny_opts
 

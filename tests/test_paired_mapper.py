@@ -5,7 +5,7 @@ import torch
 from detectron2.data import DatasetCatalog
 
 from instunique.data import InstanceViewMapper, PairedViewMapper
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 from instunique.transforms import AffineWarp
 
 from utils import get_config

@@ -6,9 +6,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator, COCOPanopticEvaluator, SemSegEvaluator
 
 from instunique.data.panoptic import read_segment_ids
-from instunique.data.shapes import SHAPES
-from instunique.data.shapes_panoptic import SHAPES_PANOPTIC
-from instunique.data.synthetic import materialize_synthetic, register_synthetic
+from instunique.data.synthetic.shapes import SHAPES
+from instunique.data.synthetic.shapes_panoptic import SHAPES_PANOPTIC
+from instunique.data.synthetic.spec import materialize_synthetic, register_synthetic
 from instunique.evaluation import build_dataset_evaluators, model_outputs
 
 from utils import get_config

@@ -7,8 +7,8 @@ import sys
 import pytest
 from detectron2.engine import default_argument_parser
 
-from instunique.data.blobs import BLOBS
-from instunique.data.synthetic import register_synthetic
+from instunique.data.synthetic.blobs import BLOBS
+from instunique.data.synthetic.spec import register_synthetic
 
 from utils import CONFIGS, ROOT, tiny_opts
 

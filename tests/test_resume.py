@@ -13,7 +13,7 @@ from detectron2.engine import HookBase, default_argument_parser
 
 from instunique.checkpoint import AtomicCheckpointer
 from instunique.data.sampler import ResumableTrainingSampler
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 
 from utils import CONFIGS, ROOT, tiny_opts
 

@@ -15,9 +15,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.structures import BoxMode
 
-from instunique.data import shapes
 from instunique.data.datasets import DatasetNotRegisteredError, check_dataset
-from instunique.data.shapes import (
+from instunique.data.synthetic import shapes
+from instunique.data.synthetic.shapes import (
     SHAPES_CLASSES,
     ensure_shapes,
     generate_shapes,

@@ -13,7 +13,6 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import annotations_to_instances
 from detectron2.structures import BoxMode
 
-from instunique.data import shapes_panoptic
 from instunique.data.datasets import check_dataset
 from instunique.data.metadata import stuff_contiguous_ids, thing_contiguous_ids
 from instunique.data.panoptic import (
@@ -22,9 +21,10 @@ from instunique.data.panoptic import (
     panoptic_annotations,
     read_segment_ids,
 )
-from instunique.data.shapes_panoptic import SHAPES_PANOPTIC
-from instunique.data.synthetic import ensure_splits, generate_split, register_synthetic
-from instunique.data.synthetic_panoptic import panoptic_paths
+from instunique.data.synthetic import shapes_panoptic
+from instunique.data.synthetic.panoptic_files import panoptic_paths
+from instunique.data.synthetic.shapes_panoptic import SHAPES_PANOPTIC
+from instunique.data.synthetic.spec import ensure_splits, generate_split, register_synthetic
 
 from utils import run_concurrently
 

@@ -12,7 +12,7 @@ from detectron2.engine import default_argument_parser
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 from instunique.evaluation import QueryUniquenessEvaluator
 from instunique.objectives import EquivarianceLoss
 from instunique.transforms import AffineWarp

@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.engine import default_argument_parser
 
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 from instunique.engine.term_clipping import TermClipper, backward_clipped_apart, check_term_clipping
 from instunique.meta_arch import is_term_loss
 

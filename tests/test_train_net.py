@@ -10,7 +10,7 @@ import pytest
 import torch
 from detectron2.engine import default_argument_parser
 
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 
 from utils import CONFIGS, ROOT, get_config, tiny_opts
 
@@ -175,8 +175,8 @@ def test_unavailable_device_fails_in_setup_naming_the_key(tmp_path):
 
 
 def test_panoptic_shapes_trains_and_eval_only_reports_pq(tmp_path):
-    from instunique.data.shapes_panoptic import SHAPES_PANOPTIC
-    from instunique.data.synthetic import register_synthetic
+    from instunique.data.synthetic.shapes_panoptic import SHAPES_PANOPTIC
+    from instunique.data.synthetic.spec import register_synthetic
 
     register_synthetic(SHAPES_PANOPTIC, str(tmp_path / "data"), prefix="tiny_pan",
                        num_train=4, num_val=2)

@@ -11,7 +11,7 @@ from detectron2.data import build_detection_test_loader
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
-from instunique.data.shapes import register_shapes
+from instunique.data.synthetic.shapes import register_shapes
 from instunique.evaluation import (
     QueryUniquenessEvaluator,
     count_duplicates,

@@ -25,12 +25,12 @@ from typing import List
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 
-from .blobs import BLOBS
 from .coco_panoptic_semseg import COCO_SEMSEG_SPLITS, register_coco_panoptic_with_sem_seg
-from .shapes import SHAPES, SHAPES_CROWD
-from .shapes_diverse import SHAPES_DIVERSE
-from .shapes_panoptic import SHAPES_PANOPTIC
-from .synthetic import materialize_synthetic, register_synthetic
+from .synthetic.blobs import BLOBS
+from .synthetic.shapes import SHAPES, SHAPES_CROWD
+from .synthetic.shapes_diverse import SHAPES_DIVERSE
+from .synthetic.shapes_panoptic import SHAPES_PANOPTIC
+from .synthetic.spec import materialize_synthetic, register_synthetic
 
 __all__ = ["DatasetNotRegisteredError", "check_dataset", "register_all",
            "register_on_first_use"]

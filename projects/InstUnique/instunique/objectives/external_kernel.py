@@ -22,7 +22,7 @@ NORMALIZATIONS = ("mean", "mean_all", "per_query")
 class KernelOptions:
     """How ``external_focal_loss`` scores and averages the (query, external pixel) pairs."""
 
-    alpha: float  # focal alpha; < 0: no alpha weight (torchvision's convention)
+    alpha: float  # focal alpha in [0, 1]: weight of target 1, 1 - alpha of target 0
     gamma: float
     loss: str  # one of LOSSES
     temperature: float
@@ -58,14 +58,13 @@ def _pair_terms(h: torch.Tensor, target: Optional[torch.Tensor], keep: Optional[
         weight = p.square() if gamma == 2 else p.pow(gamma)  # p^gamma
         dx = torch.addcmul(p, torch.rsub(p, 1), ce, value=gamma).mul_(weight)
         loss = weight.mul_(ce)
-        if opts.alpha >= 0:
-            if target is None:
-                loss.mul_(1 - opts.alpha)
-                dx.mul_(1 - opts.alpha)
-            else:
-                a_t = torch.full_like(loss, 1 - opts.alpha).masked_fill_(target, opts.alpha)
-                loss.mul_(a_t)
-                dx.mul_(a_t)
+        if target is None:
+            loss.mul_(1 - opts.alpha)
+            dx.mul_(1 - opts.alpha)
+        else:
+            a_t = torch.full_like(loss, 1 - opts.alpha).masked_fill_(target, opts.alpha)
+            loss.mul_(a_t)
+            dx.mul_(a_t)
     else:
         loss = x.sigmoid_()
         dx = loss * torch.rsub(loss, 1)
@@ -234,7 +233,7 @@ def external_focal_loss(
         query_ids, pixel_ids: (R,), (N,) image ids; pairs from the same image are skipped.
         query_cls: (R,) stuff class a query is matched to, -1 for none (target 0 everywhere).
         pixel_cls: (N,) ground-truth class of each pixel (-1: none).
-        alpha, gamma: focal loss parameters (alpha < 0: no alpha weight).
+        alpha, gamma: focal loss parameters (alpha in [0, 1]).
         chunk: external pixels scored at once; 0 picks it from the device (_auto_chunk).
         loss, temperature, hard_negatives, hard_threshold, topk, normalization: see
             :mod:`.cross_image`; ``hard_threshold`` is read with "threshold", ``topk`` with

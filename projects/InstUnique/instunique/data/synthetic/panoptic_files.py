@@ -1,6 +1,6 @@
 """
 Files and metadata of a synthetic dataset in COCO-panoptic format (a
-:class:`~.synthetic.SyntheticSpec` with ``stuff_classes``, e.g. ``shapes_panoptic``).
+:class:`~.spec.SyntheticSpec` with ``stuff_classes``, e.g. ``shapes_panoptic``).
 
 Layout under ``{root}/{folder}``::
 
@@ -11,7 +11,7 @@ Layout under ``{root}/{folder}``::
 
 Categories: the spec's thing classes get dataset ids 1..T (``isthing`` 1), its stuff
 classes T+1..T+S; contiguous id = dataset id - 1 (detectron2's standard panoptic
-convention, see :mod:`.panoptic`). A stuff class has at most one segment per image (its
+convention, see :mod:`..panoptic`). A stuff class has at most one segment per image (its
 pieces merged), as in COCO. Segment id = 1000 * category id + k (k = 1, 2, ...), so that
 ids use more than one PNG channel. The JSON is written last: its presence marks a
 complete split.
@@ -22,9 +22,9 @@ from typing import Dict, Iterable, List, NamedTuple, Tuple
 
 import numpy as np
 
-from .atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
-from .metadata import class_metadata
-from .panoptic import IGNORE_LABEL, load_panoptic_json
+from ..atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
+from ..metadata import class_metadata
+from ..panoptic import IGNORE_LABEL, load_panoptic_json
 
 __all__ = [
     "IGNORE_LABEL",
@@ -66,7 +66,7 @@ def _categories(spec) -> List[Dict]:
 
 def panoptic_metadata(spec, paths: PanopticPaths) -> Dict:
     """MetadataCatalog fields of a split: those detectron2's ``register_coco_panoptic``
-    sets (the convention of :mod:`.panoptic`), plus ``sem_seg_root`` for the semantic
+    sets (the convention of :mod:`..panoptic`), plus ``sem_seg_root`` for the semantic
     PNGs. No ``json_file``: there is no instances JSON, so no COCO mask AP."""
     return {
         "panoptic_root": paths.panoptic_root,

@@ -17,7 +17,7 @@ Its content is chosen to need what the method is about, telling instances apart:
 nearly all touching: telling look-alike instances apart is the whole difficulty (the
 paper's supp. Fig. S1/S3 failure cases: one object split in two, two merged).
 
-Files and registration: :mod:`.synthetic`.
+Files and registration: :mod:`.spec`.
 """
 
 import functools
@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
-from .synthetic import (
+from .spec import (
     Rendered,
     SyntheticSpec,
     dataset_paths,

@@ -14,14 +14,14 @@ across images (as on COCO; the opposite of ``shapes``, where one class shares on
 * the background is a muted texture of the same bank under blotches and noise, so neither
   colour nor texture tells an object from the background: the outline does.
 
-Files and registration: :mod:`.synthetic`.
+Files and registration: :mod:`.spec`.
 """
 from typing import List, Tuple
 
 import cv2
 import numpy as np
 
-from .synthetic import Rendered, SyntheticSpec, visible_masks
+from .spec import Rendered, SyntheticSpec, visible_masks
 
 __all__ = ["DIVERSE_CLASSES", "SHAPES_DIVERSE", "TEXTURES"]
 

@@ -19,7 +19,7 @@ from typing import List, Tuple
 import cv2
 import numpy as np
 
-from .synthetic import Rendered, SyntheticSpec
+from .spec import Rendered, SyntheticSpec
 
 __all__ = ["BLOBS", "BLOBS_CLASSES"]
 

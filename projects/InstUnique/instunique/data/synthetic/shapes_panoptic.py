@@ -11,7 +11,7 @@ COCO-panoptic format, so that panoptic training and PQ evaluation run without CO
   pair (what supp. S1's stuff targets of cross-image querying are about);
 * every pixel belongs to one segment; a stuff class has one segment per image.
 
-Files, class ids and registration: :mod:`.synthetic_panoptic`, :mod:`.synthetic`.
+Files, class ids and registration: :mod:`.panoptic_files`, :mod:`.spec`.
 """
 from typing import List, Tuple
 
@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from .shapes import SHAPES, SHAPES_CLASSES, SHAPES_COLORS, _render_image
-from .synthetic import Rendered, SyntheticSpec
+from .spec import Rendered, SyntheticSpec
 
 __all__ = ["SHAPES_PANOPTIC", "STUFF_CLASSES"]
 

@@ -4,7 +4,7 @@ Files and registration shared by the built-in synthetic datasets (``shapes``, ``
 draws one image.
 
 Layout under ``root`` (a spec with ``stuff_classes`` is written in COCO-panoptic format
-instead, see :mod:`.synthetic_panoptic`)::
+instead, see :mod:`.panoptic_files`)::
 
     {folder}/{split}/000000.png ...
     {folder}/annotations/instances_{split}.json
@@ -26,8 +26,8 @@ import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-from .atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
-from .synthetic_panoptic import (
+from ..atomic_io import NOISE_PNG_PARAMS, atomic_write, write_png
+from .panoptic_files import (
     load_panoptic_split,
     panoptic_metadata,
     panoptic_paths,
