@@ -11,10 +11,11 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import torch
-from detectron2.structures import BitMasks, Instances
+from detectron2.structures import BitMasks, Boxes, BoxMode, Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from ..transforms import AffineWarp
+from .labels import instance_colours, place_labels
 from .painting import composite, fit_label_map, instance_overlay, render_drawing
 
 __all__ = [
@@ -118,9 +119,9 @@ def draw_outputs(
         if inst.has("scores"):
             inst = inst[inst.scores >= confidence_threshold]
         # What Visualizer.draw_instance_predictions draws, one full-size mask at a time.
-        return _visualizer_output(image, scale, lambda: vis.overlay_instances(
-            **instance_overlay(inst, size, metadata), alpha=0.5
-        ))
+        overlay = instance_overlay(inst, size, metadata)
+        order = inst.scores.argsort(descending=True).tolist() if inst.has("scores") else None
+        return _visualizer_output(image, scale, lambda: _draw_instances(vis, overlay, order))
     if "sem_seg" in outputs:
         labels = fit_label_map(outputs["sem_seg"].argmax(dim=0).to("cpu"), size)
         return _visualizer_output(image, scale, lambda: vis.draw_sem_seg(labels))
@@ -141,7 +142,50 @@ def draw_ground_truth(
             f"{size}, got an image of size {image.shape[:2]}"
         )
     vis = Visualizer(image, metadata, scale=scale, instance_mode=ColorMode.IMAGE)
-    return _visualizer_output(image, scale, lambda: vis.draw_dataset_dict(dataset_dict))
+    annotations = dataset_dict.get("annotations") or []
+    # The Visualizer draws the rest (semantic and panoptic maps); the instances are drawn
+    # here, so that their labels are placed apart.
+    rest = {k: v for k, v in dataset_dict.items() if k != "annotations"}
+    names = metadata.get("thing_classes", None) if metadata is not None else None
+    overlay = {
+        "boxes": np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                           for a in annotations]).reshape(-1, 4),
+        "labels": [(names[a["category_id"]] if names else str(a["category_id"]))
+                   + ("|crowd" if a.get("iscrowd") else "") for a in annotations],
+    }
+    if annotations and "segmentation" in annotations[0]:
+        overlay["masks"] = [a["segmentation"] for a in annotations]
+
+    def draw():
+        if annotations:
+            _draw_instances(vis, overlay)
+        return vis.draw_dataset_dict(rest)
+
+    return _visualizer_output(image, scale, draw)
+
+
+def _draw_instances(vis: Visualizer, overlay: Dict, order: Optional[List[int]] = None):
+    """``Visualizer.overlay_instances`` with ``overlay``'s masks and boxes, and its labels
+    placed apart (``labels.place_labels``); the instance colours are the Visualizer's own."""
+    overlay = dict(overlay)
+    labels = overlay.pop("labels", None)
+    boxes = overlay.get("boxes")
+    n = len(labels) if labels else len(boxes) if boxes is not None else len(overlay["masks"])
+    colours = instance_colours(n)
+    vis.overlay_instances(**overlay, assigned_colors=colours, alpha=0.5)
+    if labels:
+        if boxes is None:  # outlines only: a label goes by its outline's bounding box
+            boxes = [_outline_box(polygons) for polygons in overlay["masks"]]
+        boxes = boxes.tensor.numpy() if isinstance(boxes, Boxes) else np.asarray(boxes)
+        place_labels(vis, labels, boxes, colours, order)
+    return vis.output
+
+
+def _outline_box(polygons: List[np.ndarray]) -> np.ndarray:
+    if not len(polygons):
+        return np.zeros(4)
+    points = np.concatenate([np.asarray(p).reshape(-1, 2) for p in polygons])
+    return np.concatenate([points.min(axis=0), points.max(axis=0)])
 
 
 def caption_height(width: int) -> int:
