@@ -86,3 +86,19 @@ def test_instance_colours_are_the_visualizers_own():
     theirs = _visualizer_output(image, 1.0, lambda: vis.overlay_instances(
         **instance_overlay(inst, (H, W), metadata), alpha=0.5))
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_outlines_without_boxes_still_get_their_labels():
+    masks = torch.zeros(2, H, W, dtype=torch.bool)
+    masks[0, 20:100, 30:120] = masks[1, 120:200, 150:260] = True
+    image = np.full((H, W, 3), 90, np.uint8)
+    plain = Instances((H, W), pred_masks=masks)
+    labelled = Instances((H, W), pred_masks=masks, scores=torch.tensor([0.9, 0.8]),
+                         pred_classes=torch.tensor([0, 1]))
+    metadata = MetadataCatalog.get("shapes_train")
+    without = draw_outputs(image, {"instances": plain}, metadata)
+    with_labels = draw_outputs(image, {"instances": labelled}, metadata)
+    changed = np.any(without != with_labels, axis=2)
+    # The text lands at each outline's top-left corner (the box the outline spans).
+    assert changed[20:40, 30:80].any() and changed[120:140, 150:200].any()
+    assert not changed[200:, :140].any()

@@ -155,6 +155,9 @@ def draw_ground_truth(
     }
     if annotations and "segmentation" in annotations[0]:
         overlay["masks"] = [a["segmentation"] for a in annotations]
+    if annotations and "keypoints" in annotations[0]:
+        overlay["keypoints"] = np.array([a["keypoints"] for a in annotations]).reshape(
+            len(annotations), -1, 3)
 
     def draw():
         if annotations:
@@ -169,13 +172,13 @@ def _draw_instances(vis: Visualizer, overlay: Dict, order: Optional[List[int]] =
     placed apart (``labels.place_labels``); the instance colours are the Visualizer's own."""
     overlay = dict(overlay)
     labels = overlay.pop("labels", None)
-    boxes = overlay.get("boxes")
-    n = len(labels) if labels else len(boxes) if boxes is not None else len(overlay["masks"])
+    boxes, masks = overlay.get("boxes"), overlay.get("masks")
+    n = len(labels) if labels else len(boxes) if boxes is not None else len(masks or [])
     colours = instance_colours(n)
     vis.overlay_instances(**overlay, assigned_colors=colours, alpha=0.5)
-    if labels:
+    if labels and (boxes is not None or masks is not None):
         if boxes is None:  # outlines only: a label goes by its outline's bounding box
-            boxes = [_outline_box(polygons) for polygons in overlay["masks"]]
+            boxes = [_outline_box(polygons) for polygons in masks]
         boxes = boxes.tensor.numpy() if isinstance(boxes, Boxes) else np.asarray(boxes)
         place_labels(vis, labels, boxes, colours, order)
     return vis.output
