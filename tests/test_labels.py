@@ -40,7 +40,8 @@ def test_crowded_labels_do_not_cover_each_other():
     vis = _vis()
     placed = place_labels(vis, labels, boxes, instance_colours(40), order=list(range(40)))
     drawn = [p for p in placed if p is not None]
-    assert 1 < len(drawn) < 40 and placed[0] is not None  # the best one always gets a spot
+    assert placed[0] is not None  # the best label always gets a spot
+    assert 1 < len(drawn) < 40  # several fit, not all 40
     assert len(vis.output.ax.texts) == len(drawn)
     for i, a in enumerate(drawn):
         assert 0 <= a[0] and 0 <= a[1] and a[2] <= W and a[3] <= H
