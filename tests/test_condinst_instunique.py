@@ -175,6 +175,38 @@ def test_eq5_on_condinst_an_external_copy_of_the_own_instance_fires_and_is_train
     assert adapter.pixel_logits(params.detach(), own).max() < home.max()
 
 
+def test_eq5_chunks_by_the_dynamic_heads_width_with_the_same_loss_and_gradient():
+    """The automatic chunk counts the head's hidden activations (CondInst's width 8): more,
+    smaller chunks than for a dot product, and the same loss and query gradient."""
+    torch.manual_seed(0)
+    model = build_model(get_config(INSTUNIQUE, *FAST))
+    adapter = model.adapter
+    assert adapter.response_width == adapter.model.mask_head.channels == 8
+    assert model.cross_image.response_width == 8
+    r, n = 64, 2000
+    params = torch.randn(r, adapter.model.mask_head.num_gen_params) * 0.3
+    queries = torch.cat([params, torch.rand(r, 2) * 128, torch.zeros(r, 1)], 1)
+    pixels = torch.cat([torch.rand(n, 2) * 128, torch.randn(n, adapter.embed_dim - 2)], 1)
+    ids_q, ids_p = torch.zeros(r, dtype=torch.long), torch.ones(n, dtype=torch.long)
+    results = {}
+    for width in (1, 8):
+        calls = []
+
+        def response(q, f, calls=calls):
+            calls.append(len(f))
+            return adapter.pixel_logits(q, f)
+
+        q = queries.clone().requires_grad_()
+        loss = external_focal_loss(q, pixels, ids_q, ids_p, torch.full((r,), -1),
+                                   torch.full((n,), -1), response=response,
+                                   response_width=width)
+        loss.backward()
+        results[width] = (loss.detach(), q.grad, calls)
+    assert results[1][2] == [n] and results[8][2] == [512, 512, 512, 464]
+    torch.testing.assert_close(results[8][0], results[1][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(results[8][1], results[1][1], rtol=1e-4, atol=1e-9)
+
+
 def test_eq5_options_written_for_the_dot_product_fail_at_build():
     with pytest.raises(ValueError, match="CROSS_IMAGE.HARD_NEGATIVES 'topk' needs .* dot "):
         build_model(get_config(INSTUNIQUE, *FAST,

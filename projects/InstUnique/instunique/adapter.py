@@ -53,6 +53,9 @@ class SegmenterAdapter(ABC):
     #: closed-form paths (pixel gradients, top-k negatives, the own-instance reference)
     #: rely on it.
     linear_response: bool = True
+    #: values ``pixel_logits`` holds per (query, pixel) pair under autograd (1 for the dot
+    #: product); Eq. 5's automatic chunk is sized by it.
+    response_width: int = 1
 
     def __init__(self, model: nn.Module):
         self.model = model

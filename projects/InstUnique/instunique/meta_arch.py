@@ -105,6 +105,7 @@ class InstUnique(nn.Module):
                 pixel_gradient=iu.CROSS_IMAGE.PIXEL_GRADIENT,
                 reference=iu.CROSS_IMAGE.REFERENCE,
                 response=None if adapter.linear_response else adapter.pixel_logits,
+                response_width=adapter.response_width,
                 memory_pixels=iu.CROSS_IMAGE.MEMORY_PIXELS,
                 embed_dim=adapter.embed_dim,
                 stuff_classes=(

@@ -110,11 +110,12 @@ class CrossImageLoss(nn.Module):
         hard_negatives: str = "none", hard_threshold: float = 0.8, topk: int = 1,
         normalization: str = "mean", pixel_gradient: str = "none", reference: str = "none",
         response: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-        memory_pixels: int = 0, embed_dim: int = 0,
+        response_width: int = 1, memory_pixels: int = 0, embed_dim: int = 0,
     ):
         """See the module docstring for the options; a bad one raises ValueError naming
         its MODEL.INST_UNIQUE.CROSS_IMAGE key. ``response``: the logits (R, N) of queries
-        (R, D) on pixel embeddings (N, C); None: the dot product (D == C).
+        (R, D) on pixel embeddings (N, C); None: the dot product (D == C);
+        ``response_width``: its values per (query, pixel) pair (sizes the automatic chunk).
         ``memory_pixels``: capacity of the pixel memory of C = ``embed_dim`` channels that
         this module owns, reads and fills (0: none)."""
         super().__init__()
@@ -125,6 +126,7 @@ class CrossImageLoss(nn.Module):
         if response is not None:
             _check_dot_product_options(pixel_gradient, hard_negatives, reference)
         self.response = response
+        self.response_width = response_width
         if memory_pixels < 0:
             raise ValueError(f"{_KEY}MEMORY_PIXELS must be >= 0, got {memory_pixels}")
         self.memory = PixelMemory(memory_pixels, embed_dim) if memory_pixels > 0 else None
@@ -230,6 +232,7 @@ class CrossImageLoss(nn.Module):
             query_embeds, external[0], query_ids, external[2], query_cls, external[1],
             self.alpha, self.gamma, self.chunk_pixels, num_masks=num_masks,
             grad_rows=feats.shape[0] if batch_grad else 0, response=self.response,
+            response_width=self.response_width,
             **self.options,
         )
         sampled = (feats.detach(), pix_cls, pix_ids)

@@ -41,6 +41,10 @@ class CondInstAdapter(MetaArchAdapter):
         return 2 + self.model.mask_head.in_channels
 
     @property
+    def response_width(self):
+        return self.model.mask_head.channels
+
+    @property
     def mask_threshold(self):
         return MASK_THRESHOLD
 
