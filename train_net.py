@@ -4,12 +4,40 @@
     python train_net.py --config-file configs/shapes/instunique_mask2former_shapes.yaml
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
 """
+import logging
 import os
+import time
 
-# Idle OpenMP threads sleep instead of spinning: on a machine whose cores other jobs share,
-# spinning threads steal the cores their own process waits for (docs/GETTING_STARTED.md,
-# "A busy machine"). Read when torch loads its OpenMP runtime, so before any import of it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def busy_cores(interval: float = 0.3, stat: str = "/proc/stat"):
+    """Cores that other processes kept busy over ``interval`` seconds (this one sleeps), from
+    the kernel's counters (user to steal); None where there are none (not Linux)."""
+    def sample():
+        with open(stat) as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
+
+    try:
+        (busy0, total0), _, (busy1, total1) = sample(), time.sleep(interval), sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
+
+
+def choose_wait_policy(busy) -> str:
+    """OMP_WAIT_POLICY unless the user set it: sleeping threads (PASSIVE) when other jobs
+    hold half a core or more (or it cannot be told), since spinning threads then steal the
+    cores their own process waits for; otherwise OpenMP's own default, faster alone
+    (docs/GETTING_STARTED.md, "A busy machine")."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return os.environ["OMP_WAIT_POLICY"]
+    return "PASSIVE" if busy is None or busy >= 0.5 else ""
+
+
+# Read when torch loads its OpenMP runtime, so decided before any import of it.
+WAIT_POLICY = choose_wait_policy(None if "OMP_WAIT_POLICY" in os.environ else busy_cores())
+if WAIT_POLICY:
+    os.environ["OMP_WAIT_POLICY"] = WAIT_POLICY
 
 from detectron2.engine import default_argument_parser, launch
 
@@ -26,6 +54,8 @@ def setup(args):
     prepare_datasets(cfg, train=not args.eval_only)
     cfg.freeze()
     setup_run(cfg, args)  # detectron2's default_setup, our logger too, each line once
+    logging.getLogger("instunique").info(
+        "OMP_WAIT_POLICY: %s", os.environ.get("OMP_WAIT_POLICY", "OpenMP's default"))
     return cfg
 
 

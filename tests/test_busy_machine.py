@@ -21,12 +21,13 @@ def test_logged_time_reads_the_training_row_of_that_iteration(tmp_path):
 def test_runs_get_only_their_own_wait_policy(monkeypatch, tmp_path):
     seen = []
     monkeypatch.setattr(busy_machine.subprocess, "Popen",
-                        lambda cmd, env, **kw: seen.append((cmd, env)))
+                        lambda cmd, env, **kw: seen.append((cmd, env, kw)))
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setenv("GOMP_SPINCOUNT", "10")
-    for name in ("alone, sleeping threads", "alone, spin 3000"):
+    for name in ("alone, train_net's choice", "alone, spin 3000"):
         busy_machine._train("c.yaml", str(tmp_path), busy_machine.CONDITIONS[name][1], 40)
-    (cmd, sleeping), (_, spin) = seen
-    assert "OMP_WAIT_POLICY" not in sleeping and "GOMP_SPINCOUNT" not in sleeping
+    (cmd, chosen, kw), (_, spin, _) = seen
+    assert "OMP_WAIT_POLICY" not in chosen and "GOMP_SPINCOUNT" not in chosen
+    assert kw["start_new_session"]  # stopped with its data-loader workers
     assert spin["GOMP_SPINCOUNT"] == "3000" and "OMP_WAIT_POLICY" not in spin
     assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "40"

@@ -210,18 +210,42 @@ def test_amp_on_the_cpu_trains_in_bfloat16_with_finite_losses(tiny_shapes, tmp_p
     assert rows and all(math.isfinite(r["total_loss"]) for r in rows)
 
 
-@pytest.mark.parametrize("preset, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_openmp_threads_sleep_unless_the_user_says_otherwise(preset, expected):
+@pytest.mark.parametrize("preset", [None, "ACTIVE"])
+def test_openmp_threads_sleep_on_a_busy_machine_unless_the_user_says_otherwise(
+        tmp_path, preset):
+    """train_net decides OMP_WAIT_POLICY before torch loads: PASSIVE when other processes
+    hold half a core or more (or /proc/stat cannot be read), else OpenMP's default (unset);
+    a user's setting stays. The busy cores come from the change of /proc/stat's counters."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if preset is not None:
         env["OMP_WAIT_POLICY"] = preset
-    code = ("import sys, os; sys.argv = ['train_net.py']; import runpy; "
-            f"runpy.run_path({os.path.join(ROOT, 'train_net.py')!r}, run_name='not_main'); "
-            "print(os.environ['OMP_WAIT_POLICY'])")
+    stat = tmp_path / "stat"
+    stat.write_text("cpu 100 0 0 1000 0 0 0 0 0 0\ncpu0 1 2 3\n")
+    # 0.25 s later: 300 busy ticks of 1,000 (user, nice, system, irq, steal), so 0.3 of the
+    # machine; iowait counts as idle.
+    later = "cpu 200 50 100 1600 100 20 20 10 7 7\n"
+    code = (
+        "import json, os, runpy, sys, threading\n"
+        "sys.argv = ['train_net.py']\n"
+        f"ns = runpy.run_path({os.path.join(ROOT, 'train_net.py')!r}, run_name='not_main')\n"
+        "policy = os.environ.get('OMP_WAIT_POLICY')\n"
+        f"os.environ.pop('OMP_WAIT_POLICY') if {preset is None} and policy else None\n"
+        f"threading.Timer(0.25, lambda: open({str(stat)!r}, 'w').write({later!r})).start()\n"
+        f"busy = ns['busy_cores'](1.0, stat={str(stat)!r})\n"
+        "policies = [ns['choose_wait_policy'](b) for b in (0.49, 0.5, None)]\n"
+        f"print(json.dumps([busy / os.cpu_count(), ns['busy_cores'](0.0, {str(tmp_path)!r}),"
+        " policies, policy]))\n"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines()[-1] == expected
+    share, unreadable, policies, policy = json.loads(run.stdout.strip().splitlines()[-1])
+    assert share == pytest.approx(0.3) and unreadable is None
+    if preset is None:
+        assert policies == ["", "PASSIVE", "PASSIVE"]
+        assert policy in (None, "PASSIVE")  # this machine's own load decides
+    else:
+        assert policies == [preset] * 3 and policy == preset
 
 
 def test_each_log_line_once_and_the_project_logger_reaches_the_log(tiny_shapes, tmp_path):
