@@ -18,7 +18,9 @@ def busy_cores(interval: float = 0.3, stat: str = "/proc/stat"):
         return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # all but idle and iowait
 
     try:
-        (busy0, total0), _, (busy1, total1) = sample(), time.sleep(interval), sample()
+        busy0, total0 = sample()
+        time.sleep(interval)
+        busy1, total1 = sample()
     except (OSError, ValueError, IndexError):
         return None
     return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
