@@ -43,7 +43,7 @@ for _spins in (30000, 3000):
 
 def _train(config, out_dir, env_extra, max_iter):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
     env.update(env_extra)
     cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), "--config-file",
            os.path.join(ROOT, config), "SOLVER.MAX_ITER", str(max_iter), "TEST.EVAL_PERIOD",

@@ -24,10 +24,11 @@ def test_runs_get_only_their_own_wait_policy(monkeypatch, tmp_path):
                         lambda cmd, env, **kw: seen.append((cmd, env, kw)))
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     monkeypatch.setenv("GOMP_SPINCOUNT", "10")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     for name in ("alone, train_net's choice", "alone, spin 3000"):
         busy_machine._train("c.yaml", str(tmp_path), busy_machine.CONDITIONS[name][1], 40)
     (cmd, chosen, kw), (_, spin, _) = seen
-    assert "OMP_WAIT_POLICY" not in chosen and "GOMP_SPINCOUNT" not in chosen
+    assert not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"} & set(chosen)
     assert kw["start_new_session"]  # stopped with its data-loader workers
     assert spin["GOMP_SPINCOUNT"] == "3000" and "OMP_WAIT_POLICY" not in spin
     assert cmd[cmd.index("SOLVER.MAX_ITER") + 1] == "40"
